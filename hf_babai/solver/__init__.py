@@ -1,0 +1,28 @@
+"""The quantization algorithm as pure tensor code (no transformers import).
+
+``factor_hessian`` + ``babai_quantize`` are the fast path; ``rtn_quantize`` the baseline;
+``reference`` holds the slow float64 references used by the tests.
+"""
+
+from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
+from .grid import Grid, compute_scales, dequantize, rtn_quantize
+from .hessian import HessianAccumulator
+from .ordering import ORDERS, babai_order, numerical_rank, pivoted_cholesky
+
+__all__ = [
+    "ORDERS",
+    "Grid",
+    "HessianAccumulator",
+    "HessianFactor",
+    "LayerStats",
+    "QuantResult",
+    "babai_order",
+    "babai_quantize",
+    "compute_scales",
+    "dequantize",
+    "factor_hessian",
+    "numerical_rank",
+    "pivoted_cholesky",
+    "proxy_loss",
+    "rtn_quantize",
+]

@@ -1,0 +1,168 @@
+"""Integer grids, static group scales and round-to-nearest (RTN).
+
+A grid is ``bits`` + symmetric/asymmetric + ``group_size``. Codes are unsigned integers
+``u ∈ [0, 2^bits − 1]`` and the dequantized weight is ``s · (u − z)`` with ``z = 2^(bits−1)`` for
+symmetric grids (implied, not stored) and a per-group integer zero point ``z`` for asymmetric ones —
+the same convention as GPTQ checkpoints.
+
+Scales are *static*: computed once from the original weight, before the nearest-plane pass, over groups
+of the **original** column index ``k // group_size`` (the last group may be partial). Babai's error bound
+needs the scales fixed before the pass (paper §3.1), and because groups follow the original column index a
+checkpoint needs no per-column permutation index (``g_idx``) at inference, whatever processing order the
+solver used.
+
+Scales are rounded to float16 *before* the solve, because checkpoints store them in float16: the lattice
+the solver works on must be exactly the one inference dequantizes, otherwise the bound and the reported
+loss would describe a different model. Scales below float16's smallest normal number are raised to it
+(a coarser but still valid grid), so the stored value never underflows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP16_TINY = float(torch.finfo(torch.float16).tiny)
+FP16_MAX = float(torch.finfo(torch.float16).max)
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A quantization grid: ``bits`` per code, symmetric or not, groups of ``group_size`` input columns
+    (``-1`` = one group per output channel)."""
+
+    bits: int
+    sym: bool = True
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per channel)")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def num_groups(self, in_features: int) -> int:
+        """``G = ceil(K / group_size)``; 1 for per-channel."""
+        if self.group_size == -1:
+            return 1
+        return -(-in_features // self.group_size)
+
+    def group_index(self, in_features: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Group of every original column ``k``: ``k // group_size`` (all zeros per-channel)."""
+        k = torch.arange(in_features, device=device)
+        return torch.zeros_like(k) if self.group_size == -1 else k // self.group_size
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def _grouped(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``W [N, K]`` → ``[N, G, g]`` padded with zeros; zeros never change min/max (0 is always in the
+    range) and quantize exactly to 0 on every grid, so padding adds no error."""
+    n, k = w.shape
+    g = grid.effective_group(k)
+    groups = grid.num_groups(k)
+    pad = groups * g - k
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(n, groups, g)
+
+
+def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's min/max → (scale, zero) rule, with fp16-exact scales. Returns float tensors."""
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if grid.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / grid.maxq
+    scale = scale.clamp(min=FP16_TINY).to(torch.float16).float()
+    if grid.sym:
+        zero = torch.full_like(scale, float((grid.maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, grid.maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int | None) -> torch.Tensor:
+    """Nearest grid code ``round(w/s) + z`` (round half to even), clamped to ``[0, maxq]`` unless
+    ``maxq`` is None (no-clipping grids keep every integer)."""
+    q = torch.round(w / scale) + zero
+    return q if maxq is None else q.clamp(0, maxq)
+
+
+def compute_scales(
+    w: torch.Tensor,
+    grid: Grid,
+    method: str = "mse",
+    *,
+    max_shrink: float = 0.8,
+    steps: int = 100,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static per-group scales (and zeros for asymmetric grids) from the original weight.
+
+    ``minmax`` spans each group's range. ``mse`` shrinks the range by factors ``1 − i/steps`` for
+    ``i < max_shrink·steps`` and keeps, per group, the one with the smallest ``Σ|w − q|^norm`` —
+    GPTQ's and llm-compressor's MSE observer (norm 2.4 penalises large errors a little more than MSE,
+    which favours keeping outliers representable).
+
+    Returns ``scales [N, G]`` (float32 holding fp16-exact values) and ``zeros [N, G]`` (int64) or None
+    for symmetric grids.
+    """
+    if method not in ("mse", "minmax"):
+        raise ValueError(f"scale method {method!r} is unknown; use 'mse' or 'minmax'")
+    wg = _grouped(w.float(), grid)
+    xmin, xmax = wg.amin(-1), wg.amax(-1)
+    scale, zero = _params_from_range(xmin, xmax, grid)
+    if method == "mse":
+        best = torch.full_like(scale, float("inf"))
+        for i in range(int(max_shrink * steps)):
+            p = 1.0 - i / steps
+            s_p, z_p = _params_from_range(p * xmin, p * xmax, grid)
+            q = quantize_codes(wg, s_p[..., None], z_p[..., None], grid.maxq)
+            err = ((q - z_p[..., None]) * s_p[..., None] - wg).abs_().pow_(norm).sum(-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s_p, scale)
+            zero = torch.where(better, z_p, zero)
+    if not torch.isfinite(scale).all() or scale.max() > FP16_MAX:
+        raise ValueError("weight range exceeds float16 scales (non-finite or >65504); check the weights")
+    return scale, (None if grid.sym else zero.long())
+
+
+def expand_per_column(t: torch.Tensor, grid: Grid, in_features: int) -> torch.Tensor:
+    """``[N, G]`` group parameters → ``[N, K]`` per-column values (original column order)."""
+    return t[:, grid.group_index(in_features, t.device)]
+
+
+def zero_point(zeros: torch.Tensor | None, scales: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The zero point as a float ``[N, G]`` tensor for either grid type."""
+    if zeros is None:
+        return torch.full_like(scales, float((grid.maxq + 1) // 2))
+    return zeros.to(scales.dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grid: Grid) -> torch.Tensor:
+    """``s · (u − z)`` per column, float32 ``[N, K]``."""
+    k = codes.shape[1]
+    s = expand_per_column(scales, grid, k)
+    z = expand_per_column(zero_point(zeros, scales, grid), grid, k)
+    return (codes.float() - z) * s
+
+
+def rtn_quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grid: Grid) -> torch.Tensor:
+    """Round-to-nearest codes on the same grid and scales as the solver: the baseline."""
+    k = w.shape[1]
+    s = expand_per_column(scales, grid, k)
+    z = expand_per_column(zero_point(zeros, scales, grid), grid, k)
+    return quantize_codes(w.float(), s, z, grid.maxq).to(torch.uint8 if grid.bits <= 8 else torch.int32)

@@ -1,0 +1,54 @@
+"""Streaming accumulation of the layer Hessian ``H = (2/n) Σ XᵀX``.
+
+The Hessian is the Gram matrix of the lattice in Babai's view (paper Theorem 1): only ``XᵀX`` matters,
+so it is all the solver needs from the calibration data.
+
+Precision: each chunk product ``XcᵀXc`` is computed in float32 (BLAS speed; a chunk holds at most
+``chunk_rows`` tokens, so its rounding error is ~1e-7 relative), and the running sum is kept in float64
+so that summing hundreds of chunks over a long calibration set does not lose the small eigen-directions
+that decide the triangular factor. The final ``H`` is float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates ``Σ XᵀX`` over calibration batches for one linear layer's input.
+
+    Args:
+        in_features: width ``c`` of the layer input.
+        device: where the ``c×c`` float64 sum lives (CPU by default so GPU memory holds activations only).
+        chunk_rows: tokens per float32 product (bounds the temporary memory of the float64 up-cast).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", chunk_rows: int = 8192) -> None:
+        self.in_features = in_features
+        self.device = torch.device(device)
+        self.chunk_rows = chunk_rows
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Adds a batch of inputs ``x[..., c]``; positions where ``mask`` is 0 (padding) are ignored.
+
+        ``mask`` has the shape of ``x`` without its last dimension (e.g. the ``attention_mask`` [B, T]).
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the accumulator expects {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features)
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(x.shape[:-1])}")
+            rows = rows[mask.reshape(-1).to(device=rows.device).bool()]
+        for start in range(0, rows.shape[0], self.chunk_rows):
+            chunk = rows[start : start + self.chunk_rows].float()
+            self.sum += (chunk.T @ chunk).to(device=self.device, dtype=torch.float64)
+        self.n += rows.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """Returns ``H = (2/n) Σ XᵀX`` in float64 (all zeros if no token was seen)."""
+        if self.n == 0:
+            return self.sum.clone()
+        return self.sum * (2.0 / self.n)

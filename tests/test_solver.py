@@ -1,0 +1,209 @@
+"""The fast nearest-plane solver against float64 references, Babai's bound, and degenerate Hessians."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_babai.solver import (
+    ORDERS,
+    Grid,
+    HessianAccumulator,
+    babai_order,
+    babai_quantize,
+    compute_scales,
+    dequantize,
+    factor_hessian,
+    numerical_rank,
+    proxy_loss,
+    rtn_quantize,
+)
+from hf_babai.solver.reference import babai_reference, gptq_reference
+
+
+def random_problem(seed: int, n: int = 5, k: int = 40, tokens: int = 300):
+    """A correlated Hessian (like real activations) and a heavy-ish tailed weight."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g, dtype=torch.float64) * (torch.rand(k, generator=g) * 2)
+    x = torch.randn(tokens, k, generator=g, dtype=torch.float64) @ mix
+    h = 2 * x.T @ x / tokens
+    w = torch.randn(n, k, generator=g) * (1 + torch.rand(n, k, generator=g))
+    return w, h
+
+
+def damped(h: torch.Tensor, lam: float) -> torch.Tensor:
+    return h + lam * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(("bits", "sym", "group"), [(2, True, 16), (3, False, 16), (4, True, -1), (8, False, 24)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_fast_solver_equals_textbook_babai_and_gptq(order, bits, sym, group, clip):
+    w, h = random_problem(seed=bits * 7 + group)
+    grid = Grid(bits, sym, group)
+    factor = factor_hessian(h, order)
+    scales = compute_scales(w, grid, "mse")
+    res = babai_quantize(w, factor, grid, scales=scales, clip=clip, dtype=torch.float64, block_size=7)
+    hd = damped(h, factor.damping)
+    ref = babai_reference(w, hd, *scales, grid, factor.t, clip=clip)
+    gptq = gptq_reference(w, hd, *scales, grid, factor.t.flip(0), clip=clip)
+    assert torch.equal(res.codes.double(), ref)
+    assert torch.equal(ref, gptq)  # Theorem 4: front-to-back GPTQ over reversed(t) == Babai over t
+
+
+def test_float32_pass_matches_float64_and_block_size_is_irrelevant():
+    w, h = random_problem(seed=3, n=16, k=96)
+    grid = Grid(4, True, 32)
+    factor = factor_hessian(h, "min-pivot")
+    sc = compute_scales(w, grid)
+    a = babai_quantize(w, factor, grid, scales=sc, dtype=torch.float64, block_size=96)
+    b = babai_quantize(w, factor, grid, scales=sc, dtype=torch.float64, block_size=5)
+    c = babai_quantize(w, factor, grid, scales=sc, dtype=torch.float32, block_size=32)
+    assert torch.equal(a.codes, b.codes)
+    assert (a.codes != c.codes).float().mean() < 0.002  # only near-ties may flip in float32
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_babai_bound_holds_per_channel_without_clipping(seed):
+    """Theorem 5: ‖𝒳(q_i − w_i)‖² ≤ ¼ Σ_j D_jj s_ij² for every channel, any order, any static scales."""
+    w, h = random_problem(seed, n=8, k=48)
+    order = ORDERS[seed % 3]
+    grid = Grid(2 + seed % 3, seed % 2 == 0, (-1, 16, 13)[seed % 3])
+    factor = factor_hessian(h, order)
+    res = babai_quantize(w, factor, grid, clip=False, dtype=torch.float64)
+    hd = damped(h, factor.damping)
+    e = (dequantize(res.codes, res.scales, res.zeros, grid) - w).double()
+    per_channel = ((e @ hd) * e).sum(1)
+    s_t = res.scales[:, grid.group_index(48)][:, factor.t].double()
+    bound = 0.25 * (s_t**2 * factor.d).sum(1)
+    assert (per_channel <= bound * (1 + 1e-9)).all()
+    assert res.stats.clipped == 0
+    assert res.stats.loss <= res.stats.loss_damped <= res.stats.bound * (1 + 1e-9)
+    # the reported loss is the direct undamped proxy loss
+    w_hat = dequantize(res.codes, res.scales, res.zeros, grid)
+    assert res.stats.loss == pytest.approx(proxy_loss(w, w_hat, h), rel=1e-9)
+
+
+def test_bound_holds_with_clipping_when_nothing_clipped_and_clip_count_is_reported():
+    w, h = random_problem(seed=11, n=8, k=48)
+    factor = factor_hessian(h, "act-order")
+    wide = Grid(8, True, 16)  # 8 bits with min/max scales: propagation almost never leaves the range
+    res = babai_quantize(w, factor, wide, scale_method="minmax", dtype=torch.float64)
+    if res.stats.clipped == 0:
+        assert res.stats.loss_damped <= res.stats.bound
+    narrow = Grid(2, True, 16)
+    res2 = babai_quantize(w, factor, narrow, scale_method="mse", dtype=torch.float64)
+    assert res2.stats.clipped > 0  # 2-bit MSE scales clip after error propagation
+    unclipped = babai_quantize(w, factor, narrow, scale_method="mse", clip=False, dtype=torch.float64)
+    assert unclipped.codes.dtype == torch.int32
+
+
+def test_babai_beats_rtn_on_the_proxy_loss():
+    wins = 0
+    for seed in range(10):
+        w, h = random_problem(seed, n=16, k=64)
+        grid = Grid(3, True, 32)
+        sc = compute_scales(w, grid)
+        res = babai_quantize(w, factor_hessian(h, "act-order"), grid, scales=sc)
+        rtn = dequantize(rtn_quantize(w, *sc, grid), *sc, grid)
+        wins += proxy_loss(w, dequantize(res.codes, *sc, grid), h) < proxy_loss(w, rtn, h)
+    assert wins == 10
+
+
+def _naive_min_pivot(h: torch.Tensor) -> torch.Tensor:
+    """Paper Algorithm 3 verbatim: rank-1 Schur updates, argmin over the remaining diagonal."""
+    a = h.clone()
+    remaining = list(range(h.shape[0]))
+    out = []
+    for _ in range(h.shape[0]):
+        j = min(remaining, key=lambda i: float(a[i, i]))
+        a = a - torch.outer(a[:, j], a[j, :]) / a[j, j]
+        remaining.remove(j)
+        out.append(j)
+    return torch.tensor(out)
+
+
+def test_blocked_min_pivot_equals_algorithm_3_and_lowers_trace_d():
+    for seed in range(4):
+        _, h = random_problem(seed, k=150)
+        hd = damped(h, 0.01 * float(torch.diagonal(h).mean()))
+        assert torch.equal(babai_order(hd, "min-pivot"), _naive_min_pivot(hd))
+    # tr(D) — what the orders aim to minimise — on correlated Hessians: min-pivot < act-order < natural
+    traces = {o: 0.0 for o in ORDERS}
+    for seed in range(5):
+        _, h = random_problem(seed, k=64)
+        for o in ORDERS:
+            traces[o] += float(factor_hessian(h, o).d.sum())
+    assert traces["min-pivot"] < traces["act-order"] < traces["natural"]
+
+
+def test_semidefinite_hessian_dead_inputs_and_rank():
+    g = torch.Generator().manual_seed(5)
+    k = 32
+    x = torch.randn(10, k, generator=g, dtype=torch.float64)  # 10 tokens < 32 features
+    x[:, 3] = 0
+    x[:, 7] = 0  # two dead inputs
+    h = 2 * x.T @ x / 10
+    w = torch.randn(4, k, generator=g)
+    for order in ORDERS:
+        f = factor_hessian(h, order)
+        assert f.rank == 10 and f.dead == 2 and f.damping > 0
+        res = babai_quantize(w, f, Grid(4, True, 8))
+        assert res.stats.rank == 10 and res.stats.dead == 2
+        assert torch.isfinite(torch.tensor(res.stats.loss))
+    # an all-zero Hessian (layer never saw a token) still factors; every weight is rounded to nearest
+    f0 = factor_hessian(torch.zeros(k, k, dtype=torch.float64), "min-pivot")
+    assert f0.rank == 0 and f0.dead == k
+    grid = Grid(4, True, 8)
+    sc = compute_scales(w, grid)
+    assert torch.equal(babai_quantize(w, f0, grid, scales=sc).codes, rtn_quantize(w, *sc, grid))
+    assert numerical_rank(h) == 10
+
+
+def test_damping_escalates_instead_of_failing():
+    v = torch.arange(1.0, 7.0, dtype=torch.float64)
+    h = torch.outer(v, v)  # rank 1: undamped Cholesky fails
+    f = factor_hessian(h, "natural", damp=0.0)
+    assert f.damping > 0 and f.rank == 1
+    with pytest.raises(ValueError, match="negative diagonal"):
+        factor_hessian(-torch.eye(6, dtype=torch.float64))
+    nan = torch.full((4, 4), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN"):
+        factor_hessian(nan)
+
+
+def test_hessian_accumulator_streams_and_masks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 16, generator=g)
+    mask = torch.ones(3, 50, dtype=torch.long)
+    mask[1, 30:] = 0
+    acc = HessianAccumulator(16, chunk_rows=17)
+    acc.add(x[:2], mask[:2])
+    acc.add(x[2:], mask[2:])
+    rows = x.reshape(-1, 16)[mask.reshape(-1).bool()].double()
+    expect = 2 * rows.T @ rows / rows.shape[0]
+    assert acc.n == 130
+    torch.testing.assert_close(acc.finalize(), expect, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="features"):
+        acc.add(torch.zeros(2, 15))
+
+
+def test_scales_are_fp16_exact_and_mse_not_worse_than_minmax():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 576, generator=g) * 0.02
+    w[0, 5] = 0.5  # an outlier
+    for grid in (Grid(3, True, 128), Grid(4, False, 64), Grid(2, True, -1)):
+        for method in ("mse", "minmax"):
+            s, z = compute_scales(w, grid, method)
+            assert s.shape == (8, grid.num_groups(576))
+            assert torch.equal(s.half().float(), s)
+            assert (z is None) == grid.sym
+        err = {}
+        for method in ("mse", "minmax"):
+            sc = compute_scales(w, grid, method)
+            err[method] = float(((dequantize(rtn_quantize(w, *sc, grid), *sc, grid) - w) ** 2).sum())
+        assert err["mse"] <= err["minmax"]
+    with pytest.raises(ValueError, match="bits=5"):
+        Grid(5)
+    with pytest.raises(ValueError, match="scale method"):
+        compute_scales(w, Grid(4), "absmax")
