@@ -1,0 +1,166 @@
+"""``BabaiLinear``: an ``nn.Linear`` replacement that stores the canonical packed weight.
+
+The packed buffers (see :mod:`hf_babai.formats.packing`) are registered up front with their
+final shapes and dtypes, so a quantized model can be instantiated on the meta device and then
+filled from safetensors with ``load_state_dict(..., assign=True)`` without ever materialising
+dense weights. ``forward`` currently dequantizes with plain torch; kernel backends plug into
+:meth:`BabaiLinear._select_forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .packing import bit_planes, dequantize_packed, pack_weight, packed_buffer_specs
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "BabaiLinear"]
+
+# Rows dequantized at once in the torch path: bounds the dense temporary to chunk_size * K values
+# (e.g. 4096 x 4096 fp32 = 64 MiB) instead of N * K for very wide layers such as lm_head.
+DEFAULT_CHUNK_SIZE = 4096
+
+
+class BabaiLinear(nn.Module):
+    """Linear layer with a ``bits``-bit grouped quantized weight in canonical packed form.
+
+    Attributes: ``in_features``, ``out_features``, ``bits``, ``group_size``, ``sym``,
+    ``compute_dtype`` (dtype of the original weight; default for :meth:`dequantize` and the
+    bias dtype) and ``chunk_size`` (output rows dequantized at once in ``forward``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(sym, bool):
+            raise ValueError(f"sym must be a bool, got {sym!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        # Validates bits and group_size with descriptive errors before anything is allocated.
+        specs = packed_buffer_specs(in_features, out_features, bits, group_size, sym)
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.compute_dtype = dtype
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        for name, (shape, buf_dtype) in specs.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device), persistent=True)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        codes: Tensor,
+        scales: Tensor,
+        zeros: Tensor | None,
+        bits: int,
+        group_size: int,
+        sym: bool,
+    ) -> BabaiLinear:
+        """Build from a float ``linear`` and the solver's ``codes [N,K]``, ``scales [N,G]``, ``zeros``.
+
+        The result lives on the linear's device with ``compute_dtype`` equal to its weight dtype,
+        so swapping modules in a model changes neither placement nor activation dtype.
+        """
+        n, k = linear.out_features, linear.in_features
+        if tuple(codes.shape) != (n, k):
+            raise ValueError(f"codes shape {list(codes.shape)} does not match the linear's weight [out, in] = {[n, k]}")
+        if sym != (zeros is None):
+            raise ValueError(
+                f"sym={sym} but zeros is {'None' if zeros is None else 'given'}: symmetric grids "
+                "carry no zeros (implied 2^(bits-1)), asymmetric grids need them"
+            )
+        weight = linear.weight
+        module = cls(
+            k,
+            n,
+            bits,
+            group_size,
+            sym,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        packed = pack_weight(codes, scales, zeros, bits, group_size)
+        with torch.no_grad():
+            for name, target in module.packed_buffers().items():
+                if packed[name].shape != target.shape:  # copy_ would broadcast silently
+                    raise ValueError(f"{name}: packed shape {tuple(packed[name].shape)} != {tuple(target.shape)}")
+                target.copy_(packed[name])
+            if module.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    def packed_buffers(self) -> dict[str, Tensor]:
+        """The quantization buffers by canonical name (no bias)."""
+        names = ["qweight" + p.suffix for p in bit_planes(self.bits)] + ["scales"]
+        if not self.sym:
+            names += ["qzeros" + p.suffix for p in bit_planes(self.bits)]
+        return {name: getattr(self, name) for name in names}
+
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice | None = None) -> Tensor:
+        """Dense weight ``[N, K]`` (or ``[rows, K]``) in ``dtype`` (default ``compute_dtype``)."""
+        return dequantize_packed(
+            self.packed_buffers(),
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.compute_dtype if dtype is None else dtype,
+            rows=rows,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last input dim {self.in_features}, got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"input must be floating point, got {x.dtype}")
+        return self._select_forward(x)(x)
+
+    def _select_forward(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The one place that picks a compute backend for ``x``; only the torch path exists yet."""
+        return self._forward_torch
+
+    def _forward_torch(self, x: Tensor) -> Tensor:
+        """Dequantize ``chunk_size`` output rows at a time in ``x.dtype`` and run ``F.linear``.
+
+        Each chunk gets its own slice of the bias, so chunking never changes which operations
+        produce an output column.
+        """
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.chunk_size >= self.out_features:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        outputs = []
+        for start in range(0, self.out_features, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, self.out_features))
+            outputs.append(F.linear(x, self.dequantize(x.dtype, rows), None if bias is None else bias[rows]))
+        return torch.cat(outputs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}"
+        )
