@@ -1,0 +1,381 @@
+"""Layer-by-layer quantization of a causal LM: the lifecycle around the pure solver.
+
+Works on any transformers decoder stack: the block list is found generically (the largest
+``nn.ModuleList`` of identical modules that contain Linears), block-0 inputs are captured once with a
+forward pre-hook, and every block then runs on the cached activations (kept on CPU).
+
+Two schedules, both with error propagation (each block sees the already-quantized model's outputs):
+
+- **one pass** (default whenever the whole calibration set goes through a block as one batch): a forward
+  pre-hook on each target Linear accumulates its Hessian from the input it is *about* to receive, solves,
+  and swaps the quantized weight in before the Linear runs. Sub-layers downstream (``o_proj`` after
+  ``q/k/v``, ``down_proj`` after ``gate/up``) therefore get Hessians of already-quantized upstream outputs
+  (GPTQ's "true sequential"), and the block's output of that same pass is the next block's input: one
+  forward per block instead of a calibration pass plus a propagation pass.
+- **two pass** (fallback: calibration in several batches, or a Linear called twice in one forward):
+  accumulate every Hessian over all batches, solve, swap, then re-run the block to propagate.
+
+Linears that read the same tensor (``q/k/v``, ``gate/up``) share one Hessian and one factorization.
+Memory: beside the model, one block's Hessians and the calibration activations (CPU) are alive; the
+quantized modules hold packed buffers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .formats import BabaiLinear
+from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
+from .solver.babai import LayerStats
+from .solver.grid import dequantize, rtn_quantize
+from .solver.ordering import ORDERS
+
+log = logging.getLogger(__name__)
+
+METHODS = ("babai", "rtn")
+
+
+@dataclass
+class QuantSpec:
+    """What to do to each Linear; validated on construction."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "babai"
+    order: str = "min-pivot"
+    scale_method: str = "mse"
+    damp: float = 0.01
+    block_size: int = 128
+    skip: tuple[str, ...] = ("lm_head",)
+    one_pass: bool = True
+
+    def __post_init__(self) -> None:
+        self.grid = Grid(self.bits, self.sym, self.group_size)
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order={self.order!r} is unknown; use one of {ORDERS}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp={self.damp} must be in [0, 1) (fraction of mean diag H)")
+
+
+@dataclass
+class LayerRecord:
+    block: int
+    name: str
+    out_features: int
+    in_features: int
+    tokens: int
+    stats: dict[str, float | int | str] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float | int | str]:
+        return {
+            "block": self.block,
+            "layer": self.name,
+            "out": self.out_features,
+            "in": self.in_features,
+            "tokens": self.tokens,
+            **self.stats,
+        }
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are stored."""
+
+
+class _CalledTwice(Exception):
+    """A Linear ran twice in one block forward: the one-pass schedule cannot serve it."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules holding the most Linears."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        n_lin = sum(isinstance(x, nn.Linear) for x in mod.modules())
+        if n_lin and (best is None or n_lin > best[0]):
+            best = (n_lin, name, mod)
+    if best is None:
+        raise ValueError(
+            "no decoder block list found: expected an nn.ModuleList of identical blocks containing nn.Linear "
+            "layers (e.g. model.model.layers)"
+        )
+    return best[1], best[2]
+
+
+def target_linears(block: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linears of a block to quantize, in module order, minus names containing any ``skip`` pattern."""
+    return {
+        n: m
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and not any(s in n for s in skip) and not isinstance(m, BabaiLinear)
+    }
+
+
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """Runs the model up to block 0 per calibration batch and returns ``(hidden_states, kwargs)`` per batch
+    (hidden states on CPU; the kwargs such as rotary embeddings and the causal mask as given)."""
+    store: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        store.append((hidden.detach().cpu(), kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
+                if attention_mask is not None:
+                    batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
+                with contextlib.suppress(_StopForward):
+                    model(**batch)
+    finally:
+        handle.remove()
+    return store
+
+
+def _block_output(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, new)
+
+
+class _BlockQuantizer:
+    """Hessian bookkeeping and solving for the Linears of one block."""
+
+    def __init__(self, linears: dict[str, nn.Linear], spec: QuantSpec) -> None:
+        self.linears = linears
+        self.spec = spec
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.factors: dict[int, HessianFactor] = {}
+        self.results: dict[str, QuantResult] = {}
+        self.originals: dict[str, torch.Tensor] = {}
+        self._seen: dict[tuple, HessianAccumulator] = {}
+
+    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Adds ``x`` to ``name``'s Hessian; a tensor already added for a sibling Linear is shared."""
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        shared = self._seen.get(key)
+        if shared is not None:
+            if name not in self.acc:
+                self.acc[name] = shared
+            return
+        acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
+        m = mask if mask is not None and mask.shape == x.shape[:-1] else None
+        acc.add(x, m)
+        self._seen[key] = acc
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def solve(self, name: str) -> QuantResult:
+        lin = self.linears[name]
+        w = lin.weight.detach().float()
+        spec = self.spec
+        acc = self.acc.get(name)
+        if acc is None:
+            log.warning("%s received no calibration tokens; its Hessian is empty and it is rounded to nearest", name)
+            acc = HessianAccumulator(w.shape[1])
+        factor = self.factors.get(id(acc))
+        if factor is None:
+            factor = factor_hessian(acc.finalize(), spec.order, spec.damp)
+            self.factors[id(acc)] = factor
+        res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
+        self.results[name] = res
+        return res
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest on the same grid and scales; no Hessian, so loss and bound are NaN."""
+    start = time.perf_counter()
+    scales, zeros = compute_scales(w.float(), spec.grid, spec.scale_method)
+    codes = rtn_quantize(w.float(), scales, zeros, spec.grid)
+    n, k = w.shape
+    nan = float("nan")
+    stats = LayerStats(nan, nan, nan, nan, nan, 0, n * k, 0.0, -1, 0, "rtn", time.perf_counter() - start)
+    return QuantResult(codes, scales, zeros, stats)
+
+
+def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult, spec: QuantSpec) -> None:
+    _replace(
+        block,
+        name,
+        BabaiLinear.from_linear(lin, res.codes, res.scales, res.zeros, spec.bits, spec.group_size, spec.sym),
+    )
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]], device: torch.device) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [_block_output(block(h.to(device), **kw)).detach().cpu() for h, kw in inputs]
+
+
+def _one_pass(
+    block: nn.Module, linears: dict[str, nn.Linear], bq: _BlockQuantizer, inp: tuple[torch.Tensor, dict], mask, device
+) -> torch.Tensor:
+    """Quantize each Linear just before it runs; the pass's output is the quantized block's output."""
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(mod: nn.Linear, args: tuple) -> None:
+            if name in bq.results:
+                raise _CalledTwice(name)
+            bq.accumulate(name, args[0], mask)
+            res = bq.solve(name)
+            bq.originals[name] = mod.weight.data
+            mod.weight.data = dequantize(res.codes, res.scales, res.zeros, bq.spec.grid).to(mod.weight.dtype)
+
+        return hook
+
+    for name, lin in linears.items():
+        handles.append(lin.register_forward_pre_hook(make_hook(name)))
+    try:
+        out = _run_block(block, [inp], device)[0]
+    except _CalledTwice:
+        for name, w in bq.originals.items():
+            linears[name].weight.data = w
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    for name in linears:  # Linears the forward never reached (e.g. an unused MoE expert)
+        if name not in bq.results:
+            bq.solve(name)
+    return out
+
+
+def _two_pass(
+    block: nn.Module, linears: dict[str, nn.Linear], bq: _BlockQuantizer, inputs, masks, device
+) -> list[torch.Tensor]:
+    handles = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_mod: nn.Linear, args: tuple) -> None:
+            bq.accumulate(name, args[0], current["mask"])
+
+        return hook
+
+    for name, lin in linears.items():
+        handles.append(lin.register_forward_pre_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            for (h, kw), m in zip(inputs, masks, strict=True):
+                bq.new_batch()
+                current["mask"] = m
+                block(h.to(device), **kw)
+    finally:
+        for hd in handles:
+            hd.remove()
+    for name in linears:
+        bq.solve(name)
+    for name, lin in linears.items():
+        _swap_in(block, name, lin, bq.results[name], bq.spec)
+    return _run_block(block, inputs, device)
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    log_path: str | Path | None = None,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantizes every target Linear of every decoder block in place; returns the per-layer records.
+
+    Args:
+        model: a causal LM (any transformers decoder).
+        spec: grid, method and solver settings.
+        input_ids: calibration token windows ``[n, T]`` (not needed for ``method="rtn"``).
+        attention_mask: optional ``[n, T]``; padded positions are left out of every Hessian.
+        batch_size: samples per forward; ``None`` = all at once, which enables the one-pass schedule.
+        log_path: where to write the per-layer table (``quant_log.csv``).
+    """
+    _, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    records: list[LayerRecord] = []
+    if spec.method == "babai" and input_ids is None:
+        raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
+    n = 0 if input_ids is None else input_ids.shape[0]
+    bs = n if batch_size is None else batch_size
+    inputs = [] if spec.method == "rtn" else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs)
+    masks = [None] * len(inputs)
+    if attention_mask is not None:
+        masks = [attention_mask[i : i + bs] for i in range(0, n, bs)]
+    tokens = (
+        int(attention_mask.sum())
+        if attention_mask is not None
+        else n * (0 if input_ids is None else input_ids.shape[1])
+    )
+    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
+    total_loss = 0.0
+    for b in bar:
+        block = blocks[b]
+        linears = target_linears(block, spec.skip)
+        if spec.method == "rtn":
+            for name, lin in linears.items():
+                res = _rtn(lin.weight.detach(), spec)
+                _swap_in(block, name, lin, res, spec)
+                records.append(LayerRecord(b, name, *lin.weight.shape, 0, res.stats.as_dict()))
+            continue
+        bq = _BlockQuantizer(linears, spec)
+        outputs = None
+        if spec.one_pass and len(inputs) == 1:
+            try:
+                outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
+                for name, lin in linears.items():
+                    lin.weight.data = bq.originals.get(name, lin.weight.data)
+                    _swap_in(block, name, lin, bq.results[name], spec)
+            except _CalledTwice as e:
+                log.info("block %d: %s runs twice per forward; using the two-pass schedule", b, e)
+                bq = _BlockQuantizer(linears, spec)
+        if outputs is None:
+            outputs = _two_pass(block, linears, bq, inputs, masks, device)
+        inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
+        for name, lin in linears.items():
+            st = bq.results[name].stats
+            total_loss += st.loss
+            records.append(LayerRecord(b, name, *lin.weight.shape, tokens, st.as_dict()))
+        bar.set_postfix(loss=f"{total_loss:.4g}")
+    if log_path is not None:
+        write_log(records, log_path)
+    return records
+
+
+def write_log(records: list[LayerRecord], path: str | Path) -> None:
+    """The per-layer table as CSV (one row per quantized Linear)."""
+    rows = [r.row() for r in records]
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
