@@ -12,10 +12,11 @@ Algorithm (paper §2.2, inverse-free form, the same feedback structure as QuIP's
         q_j  = s_j · (ROUND(w'_j / s_j + z_j) − z_j)
 
 All output rows are solved at once (they share H and the order). Columns are processed in blocks from the
-end ("lazy batch"): the contribution of every finished block is one matrix product, and only the
-in-block corrections are rank-1 updates, so the cost is dominated by GEMMs. The integers equal those of
-front-to-back GPTQ run over ``reversed(t)`` and of textbook Babai on the basis ``X·diag(s)``
-(``reference.py``; tested).
+end ("lazy batch"): the contribution of every finished block is one matrix product, and the in-block
+corrections are one small vector–matrix product per column, so the cost is dominated by GEMMs. The pass
+works on transposed copies (column j stored as row j) so that each per-column step reads contiguous memory.
+The integers equal those of front-to-back GPTQ run over ``reversed(t)`` and of textbook Babai on the basis
+``X·diag(s)`` (``reference.py``; tested).
 
 Error accounting comes for free from the factor: with no clipping the damped error of row i is exactly
 ``Σ_j R_jj² (w'_ij − q_ij)²`` and each term is at most ``¼ R_jj² s_ij²`` — Babai's worst-case bound
@@ -149,47 +150,45 @@ def babai_quantize(
     dev = w.device
     scale_g, zeros = scales if scales is not None else compute_scales(w, grid, scale_method)
     t = factor.t.to(dev)
-    st = expand_per_column(scale_g, grid, k)[:, t].to(dtype)
-    zt = expand_per_column(zero_point(zeros, scale_g, grid), grid, k)[:, t].to(dtype)
-    wt = w[:, t].to(dtype)
+    # Transposed ("column j is row j") so every per-column step touches contiguous memory.
+    st = expand_per_column(scale_g, grid, k)[:, t].T.contiguous().to(dtype)
+    zt = expand_per_column(zero_point(zeros, scale_g, grid), grid, k)[:, t].T.contiguous().to(dtype)
+    wt = w[:, t].T.contiguous().to(dtype)
     r = factor.r.to(dev)
     rdiag = torch.diagonal(r)
     m = (r / rdiag[:, None]).to(dtype)
     maxq = grid.maxq if clip else None
 
-    err = torch.zeros_like(wt)  # E[:, j] = w_j − q_j (original w)
+    err = torch.zeros_like(wt)  # err[j] = w_j − q_j (original w), [c, N]
     codes_t = torch.zeros_like(wt)
     resid = torch.zeros_like(wt)  # w'_j − q_j, for the exact error identity
     clipped = 0
     for hi in range(k, 0, -block_size):
         lo = max(0, hi - block_size)
-        blk = wt[:, lo:hi].clone()
+        blk = wt[lo:hi].clone()
         if hi < k:
-            blk += err[:, hi:] @ m[lo:hi, hi:].T
+            blk.addmm_(m[lo:hi, hi:], err[hi:])  # all finished blocks in one GEMM
         for j in range(hi - 1, lo - 1, -1):
-            i = j - lo
-            target = blk[:, i]
-            u = torch.round(target / st[:, j]) + zt[:, j]
+            target = blk[j - lo]
+            if j + 1 < hi:  # in-block corrections, left-looking: one vector-matrix product
+                target = target + m[j, j + 1 : hi] @ err[j + 1 : hi]
+            u = torch.round(target / st[j]).add_(zt[j])
             if maxq is not None:
-                out = (u < 0) | (u > maxq)
-                clipped += int(out.sum())
-                u = u.clamp(0, maxq)
-            q = (u - zt[:, j]) * st[:, j]
-            codes_t[:, j] = u
-            resid[:, j] = target - q
-            e = wt[:, j] - q
-            err[:, j] = e
-            if i:
-                blk[:, :i].addr_(e, m[lo:j, j])
+                clipped += int(((u < 0) | (u > maxq)).sum())
+                u.clamp_(0, maxq)
+            q = (u - zt[j]).mul_(st[j])
+            codes_t[j] = u
+            resid[j] = target - q
+            err[j] = wt[j] - q
 
     codes = torch.empty_like(codes_t)
-    codes[:, t] = codes_t
-    codes = codes.to(torch.uint8) if clip else codes.to(torch.int32)
+    codes[t] = codes_t
+    codes = codes.T.contiguous().to(torch.uint8 if clip else torch.int32)
 
     d = rdiag.to(dtype) ** 2
-    loss_damped = float((resid.double() ** 2 @ d.double()).sum())
+    loss_damped = float((d.double() @ resid.double() ** 2).sum())
     loss = loss_damped - factor.damping * float((err.double() ** 2).sum())
-    bound = 0.25 * float((st.double() ** 2 @ d.double()).sum())
+    bound = 0.25 * float((d.double() @ st.double() ** 2).sum())
     stats = LayerStats(
         loss=loss,
         loss_damped=loss_damped,
