@@ -379,3 +379,17 @@ def write_log(records: list[LayerRecord], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def model_bits_per_weight(model: nn.Module) -> float:
+    """True storage bits per weight over all quantized Linears (codes + scales + zeros + padding)."""
+    from .formats import bits_per_weight
+
+    mods = [m for m in model.modules() if isinstance(m, BabaiLinear)]
+    if not mods:
+        raise ValueError("the model has no BabaiLinear layers")
+    total = sum(
+        bits_per_weight(m.packed_buffers(), m.in_features, m.out_features) * m.in_features * m.out_features
+        for m in mods
+    )
+    return total / sum(m.in_features * m.out_features for m in mods)
