@@ -1,0 +1,196 @@
+"""Quality benchmark: perplexity vs bits per weight for hf_babai and its peer, in one run.
+
+Every configuration runs in its own subprocess (so ``peak_rss_gb`` is that configuration's own peak) on
+the same model folder, the same calibration windows and the same evaluation windows, saved once per run.
+The peer, llm-compressor's GPTQ, runs from its own virtual environment (``scripts/setup_peer.sh``; it pins
+an older transformers) through ``bench/peer_llmcompressor.py``.
+
+Prints one JSON record per (model, tool, method, bits, group, order) and appends it to ``--out``.
+
+    .venv/bin/python bench/quality.py --model smollm2-135m --bits 3 4 --groups 128 --peer \\
+        --out bench/results/quality_smollm2-135m.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One hf_babai configuration (or the fp baseline) in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_babai.engine import QuantSpec, model_bits_per_weight, quantize_model
+    from hf_babai.perplexity import perplexity
+
+    torch.manual_seed(0)
+    calib = torch.load(args.calib_file)
+    evalw = torch.load(args.eval_file)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    rec = {
+        "model": args.model,
+        "tool": "hf_babai",
+        "method": args.method,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "order": args.order if args.method == "babai" else None,
+        "sym": True,
+        "n_calib": int(calib.shape[0]),
+        "calib_seqlen": int(calib.shape[1]),
+        "seqlen": int(evalw.shape[1]),
+        "windows": int(evalw.shape[0]),
+    }
+    if args.method == "fp":
+        rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
+    else:
+        spec = QuantSpec(bits=args.bits, group_size=args.group_size, method=args.method, order=args.order)
+        t0 = time.perf_counter()
+        records = quantize_model(model, spec, calib if args.method == "babai" else None, progress=False)
+        rec["seconds"] = time.perf_counter() - t0
+        rec["bpw"] = model_bits_per_weight(model)
+        stats = [r.stats for r in records]
+        rec["loss"] = sum(s["loss"] for s in stats) if args.method == "babai" else None
+        rec["bound"] = sum(s["bound"] for s in stats) if args.method == "babai" else None
+        rec["clipped_frac"] = sum(s["clipped"] for s in stats) / sum(s["weights"] for s in stats)
+    rec["ppl"] = perplexity(model, evalw)
+    rec["peak_rss_gb"] = _rss_gb()
+    return rec
+
+
+def _sub(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--groups", type=int, nargs="+", default=[64, 128, -1])
+    p.add_argument("--methods", nargs="+", default=["rtn", "babai:act-order", "babai:min-pivot"])
+    p.add_argument("--peer", action="store_true", help="also run llm-compressor GPTQ (needs .venv-peer)")
+    p.add_argument("--peer-actorder", default="static", help="llm-compressor actorder (none/static/group/weight)")
+    p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")
+    p.add_argument("--calib", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
+    p.add_argument("--out", type=Path, default=None)
+    # internal: run one configuration in this process
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--calib-file", help=argparse.SUPPRESS)
+    p.add_argument("--eval-file", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--order", default="min-pivot", help=argparse.SUPPRESS)
+    p.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_babai import assets
+    from hf_babai.perplexity import calibration_windows, eval_windows
+
+    model_dir = assets.ensure_model(args.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="hf_babai_bench_"))
+    calib_file, eval_file = tmp / "calib.pt", tmp / "eval.pt"
+    torch.save(calibration_windows(tok, assets.calibration_text(), args.calib, args.calib_seqlen), calib_file)
+    torch.save(eval_windows(tok, assets.eval_text(), args.seqlen, args.windows), eval_file)
+    base = [
+        sys.executable,
+        __file__,
+        "--one",
+        "--model",
+        args.model,
+        "--model-dir",
+        str(model_dir),
+        "--calib-file",
+        str(calib_file),
+        "--eval-file",
+        str(eval_file),
+    ]
+    if args.peer and not PEER_PY.exists():
+        raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+
+    jobs: list[list[str]] = []
+    if not args.no_fp:
+        jobs.append([*base, "--method", "fp", "--bits", "16", "--group-size", "0"])
+    for bits in args.bits:
+        for group in args.groups:
+            for m in args.methods:
+                method, _, order = m.partition(":")
+                jobs.append(
+                    [
+                        *base,
+                        "--method",
+                        method,
+                        "--order",
+                        order or "min-pivot",
+                        "--bits",
+                        str(bits),
+                        "--group-size",
+                        str(group),
+                    ]
+                )
+            if args.peer:
+                jobs.append(
+                    [
+                        str(PEER_PY),
+                        str(ROOT / "bench" / "peer_llmcompressor.py"),
+                        "--model",
+                        str(model_dir),
+                        "--calib",
+                        str(calib_file),
+                        "--eval",
+                        str(eval_file),
+                        "--bits",
+                        str(bits),
+                        "--group-size",
+                        str(group),
+                        "--actorder",
+                        args.peer_actorder,
+                        "--out",
+                        str(tmp / "peer.json"),
+                    ]
+                )
+    for cmd in jobs:
+        rec = _sub(cmd)
+        rec.setdefault("model", args.model)
+        if rec.get("tool") == "llm-compressor":
+            rec.setdefault("order", f"actorder={rec.get('actorder')}")
+            # compare at 16-bit scales like ours (the peer keeps scales in the model dtype, fp32 here)
+            rec["bpw_as_stored"] = rec["bpw"]
+            rec["bpw"] = rec.get("details", {}).get("bpw_16bit_scales", rec["bpw"])
+            rec.setdefault("loss", None)
+            rec.setdefault("bound", None)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
