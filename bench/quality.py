@@ -39,6 +39,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from hf_babai.perplexity import perplexity
 
     torch.manual_seed(0)
+    bits = args.bits[0]  # --bits takes a list in the driver; one value here
     calib = torch.load(args.calib_file)
     evalw = torch.load(args.eval_file)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -46,7 +47,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "model": args.model,
         "tool": "hf_babai",
         "method": args.method,
-        "bits": args.bits,
+        "bits": bits,
         "group_size": args.group_size,
         "order": args.order if args.method == "babai" else None,
         "sym": True,
@@ -58,7 +59,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.method == "fp":
         rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
     else:
-        spec = QuantSpec(bits=args.bits, group_size=args.group_size, method=args.method, order=args.order)
+        spec = QuantSpec(bits=bits, group_size=args.group_size, method=args.method, order=args.order)
         t0 = time.perf_counter()
         records = quantize_model(model, spec, calib if args.method == "babai" else None, progress=False)
         rec["seconds"] = time.perf_counter() - t0
@@ -73,7 +74,9 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def _sub(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"benchmark step failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -136,7 +136,8 @@ def capture_block_inputs(
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kwargs["use_cache"] = False
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
         store.append((hidden.detach().cpu(), kwargs))
@@ -177,23 +178,23 @@ class _BlockQuantizer:
         self.factors: dict[int, HessianFactor] = {}
         self.results: dict[str, QuantResult] = {}
         self.originals: dict[str, torch.Tensor] = {}
-        self._seen: dict[tuple, HessianAccumulator] = {}
+        self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
 
     def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Adds ``x`` to ``name``'s Hessian; a tensor already added for a sibling Linear is shared."""
-        key = (x.data_ptr(), tuple(x.shape), x._version)
-        shared = self._seen.get(key)
-        if shared is not None:
-            if name not in self.acc:
-                self.acc[name] = shared
+        """Adds ``x`` to ``name``'s Hessian. Siblings called back to back on the very same tensor object
+        (``q/k/v``, ``gate/up``) share one accumulator; only the last input is remembered, by identity
+        (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs)."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            self.acc.setdefault(name, last[2])
             return
         acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
         m = mask if mask is not None and mask.shape == x.shape[:-1] else None
         acc.add(x, m)
-        self._seen[key] = acc
+        self._last = (x, x._version, acc)
 
     def new_batch(self) -> None:
-        self._seen.clear()
+        self._last = None
 
     def solve(self, name: str) -> QuantResult:
         lin = self.linears[name]

@@ -1,0 +1,116 @@
+"""Layer-by-layer engine on tiny random decoders (no downloads)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_babai.engine import QuantSpec, find_blocks, quantize_model
+from hf_babai.formats import BabaiLinear
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calib(n: int = 6, t: int = 24) -> torch.Tensor:
+    return torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def codes_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, BabaiLinear)}
+
+
+def test_finds_blocks_and_quantizes_every_block_linear(tmp_path):
+    model = tiny_llama()
+    name, blocks = find_blocks(model)
+    assert name == "model.layers" and len(blocks) == 2
+    ref = model(calib()).logits
+    records = quantize_model(
+        model, QuantSpec(bits=4, group_size=32), calib(), log_path=tmp_path / "q.csv", progress=False
+    )
+    assert len(records) == 14
+    assert sum(isinstance(m, BabaiLinear) for m in model.modules()) == 14
+    assert type(model.lm_head) is nn.Linear
+    rows = list(csv.DictReader((tmp_path / "q.csv").read_text().splitlines()))
+    assert len(rows) == 14 and {"layer", "loss", "bound", "clipped", "damping", "rank"} <= set(rows[0])
+    assert int(rows[0]["tokens"]) == 6 * 24
+    out = model(calib()).logits
+    assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():
+    a, b = tiny_llama(), tiny_llama()
+    quantize_model(a, QuantSpec(bits=3, group_size=16, one_pass=False), calib(), progress=False)
+    quantize_model(b, QuantSpec(bits=3, group_size=16), calib(), batch_size=2, progress=False)
+    ca, cb = codes_of(a), codes_of(b)
+    flips = sum(int((ca[k] != cb[k]).sum()) for k in ca)
+    assert flips <= 2  # only float-rounding ties of the summed Hessian may differ
+
+
+def test_one_pass_feeds_quantized_upstream_outputs_downstream():
+    one, two = tiny_llama(), tiny_llama()
+    quantize_model(one, QuantSpec(bits=3, group_size=16), calib(), progress=False)
+    quantize_model(two, QuantSpec(bits=3, group_size=16, one_pass=False), calib(), progress=False)
+    c1, c2 = codes_of(one), codes_of(two)
+    # block 0's q/k/v and gate... see the same float input in both schedules
+    for k in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
+        assert torch.equal(c1[k], c2[k])
+    # o_proj's Hessian comes from quantized q/k/v outputs in the one-pass schedule only
+    assert not torch.equal(c1["model.layers.0.self_attn.o_proj"], c2["model.layers.0.self_attn.o_proj"])
+
+
+class _TwiceBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(torch.tanh(self.proj(x)))
+
+
+class _TwiceModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.layers = nn.ModuleList([_TwiceBlock(), _TwiceBlock()])
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_linear_called_twice_falls_back_to_two_pass():
+    torch.manual_seed(0)
+    model = _TwiceModel()
+    ids = torch.randint(0, 32, (4, 10))
+    records = quantize_model(model, QuantSpec(bits=4, group_size=16), ids, progress=False)
+    assert len(records) == 2 and all(isinstance(b.proj, BabaiLinear) for b in model.layers)
+    assert records[0].tokens == 40
+
+
+def test_rtn_needs_no_data_and_babai_does():
+    model = tiny_llama()
+    quantize_model(model, QuantSpec(bits=4, method="rtn", group_size=32), progress=False)
+    assert sum(isinstance(m, BabaiLinear) for m in model.modules()) == 14
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(tiny_llama(), QuantSpec(bits=4), None, progress=False)
+    with pytest.raises(ValueError, match="order"):
+        QuantSpec(order="random")
+    with pytest.raises(ValueError, match="no decoder block"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2)))
