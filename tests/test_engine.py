@@ -114,3 +114,16 @@ def test_rtn_needs_no_data_and_babai_does():
         QuantSpec(order="random")
     with pytest.raises(ValueError, match="no decoder block"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_padded_positions_are_left_out_of_the_hessians():
+    ids = calib()
+    mask = torch.ones_like(ids)
+    mask[:, 20:] = 0  # right padding
+    padded, trimmed = tiny_llama(), tiny_llama()
+    rec = quantize_model(padded, QuantSpec(bits=4, group_size=32), ids, attention_mask=mask, progress=False)
+    quantize_model(trimmed, QuantSpec(bits=4, group_size=32), ids[:, :20], progress=False)
+    assert rec[0].tokens == 6 * 20
+    # causal attention: the first 20 positions are unaffected by the padding, so the Hessians agree
+    c1, c2 = codes_of(padded), codes_of(trimmed)
+    assert sum(int((c1[k] != c2[k]).sum()) for k in c1) <= 2
