@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .formats import BabaiLinear
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
-from .solver.grid import dequantize, rtn_quantize
+from .solver.grid import count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,20 @@ def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
     codes = rtn_quantize(w.float(), scales, zeros, spec.grid)
     n, k = w.shape
     nan = float("nan")
-    stats = LayerStats(nan, nan, nan, nan, nan, 0, n * k, 0.0, -1, 0, "rtn", time.perf_counter() - start)
+    stats = LayerStats(
+        loss=nan,
+        loss_damped=nan,
+        bound=nan,
+        expected=nan,
+        trace_d=nan,
+        clipped=count_clipped(w, scales, zeros, spec.grid),
+        weights=n * k,
+        damping=0.0,
+        rank=-1,
+        dead=0,
+        order="rtn",
+        seconds=time.perf_counter() - start,
+    )
     return QuantResult(codes, scales, zeros, stats)
 
 

@@ -207,3 +207,13 @@ def test_scales_are_fp16_exact_and_mse_not_worse_than_minmax():
         Grid(5)
     with pytest.raises(ValueError, match="scale method"):
         compute_scales(w, Grid(4), "absmax")
+
+
+def test_count_clipped_rtn():
+    from hf_babai.solver.grid import count_clipped
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 128, generator=g)
+    grid = Grid(2, False, 32)
+    assert count_clipped(w, *compute_scales(w, grid, "minmax"), grid) == 0  # min/max spans every group
+    assert count_clipped(w, *compute_scales(w, grid, "mse"), grid) > 0  # shrunk ranges clip the tails

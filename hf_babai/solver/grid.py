@@ -174,3 +174,12 @@ def rtn_quantize(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
     s = expand_per_column(scales, grid, k)
     z = expand_per_column(zero_point(zeros, scales, grid), grid, k)
     return quantize_codes(w.float(), s, z, grid.maxq).to(torch.uint8 if grid.bits <= 8 else torch.int32)
+
+
+def count_clipped(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grid: Grid) -> int:
+    """How many weights round-to-nearest would push outside the grid (and so clamp) with these scales."""
+    k = w.shape[1]
+    s = expand_per_column(scales, grid, k)
+    z = expand_per_column(zero_point(zeros, scales, grid), grid, k)
+    raw = quantize_codes(w.float(), s, z, None)
+    return int(((raw < 0) | (raw > grid.maxq)).sum())
