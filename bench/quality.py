@@ -77,6 +77,8 @@ def _sub(cmd: list[str]) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"benchmark step failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+    if "--out" in cmd:  # the peer writes its (pretty-printed) record to --out
+        return json.loads(Path(cmd[cmd.index("--out") + 1]).read_text())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
