@@ -366,7 +366,6 @@ def quantize_model(
             try:
                 outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
                 for name, lin in linears.items():
-                    lin.weight.data = bq.originals.get(name, lin.weight.data)
                     _swap_in(block, name, lin, bq.results[name], spec)
             except _CalledTwice as e:
                 log.info("block %d: %s runs twice per forward; using the two-pass schedule", b, e)
