@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dampening-frac", type=float, default=0.01)
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-batch block size")
     p.add_argument("--observer", choices=tuple(OBSERVERS), default="mse")
-    p.add_argument("--eval-batch", type=int, default=4, help="evaluation windows per forward")
+    p.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--out", required=True, help="JSON result file")
     fp = p.add_mutually_exclusive_group()

@@ -175,6 +175,8 @@ def main() -> None:
                         str(group),
                         "--actorder",
                         args.peer_actorder,
+                        "--observer",
+                        args.peer_observer,
                         "--out",
                         str(tmp / "peer.json"),
                     ]
