@@ -2,7 +2,14 @@
 
 GPTQ run back-to-front *is* Babai's nearest-plane algorithm on the lattice of the layer Hessian
 (arXiv 2507.18553). This package implements that solver (``hf_babai.solver``), packed integer formats and
-a quantized Linear (``hf_babai.formats``), and a layer-by-layer engine for transformers decoders.
+a quantized Linear (``hf_babai.formats``), a layer-by-layer engine for transformers decoders
+(``hf_babai.engine``) and the transformers integration (``hf_babai.hf``): importing ``hf_babai`` registers
+``quant_method="babai"`` so ``from_pretrained(..., quantization_config=BabaiConfig(...))`` quantizes on load
+and babai checkpoints reload with plain ``from_pretrained(path)``.
 """
 
 __version__ = "0.1.0"
+
+from .hf import BabaiConfig, BabaiHfQuantizer, CheckpointError, export, write_quant_log
+
+__all__ = ["BabaiConfig", "BabaiHfQuantizer", "CheckpointError", "__version__", "export", "write_quant_log"]

@@ -117,13 +117,58 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def target_linears(block: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Linears of a block to quantize, in module order, minus names containing any ``skip`` pattern."""
+def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") -> dict[str, nn.Linear]:
+    """Linears of a block to quantize, in module order (block-relative names), minus those whose full name
+    ``prefix + "." + name`` contains any ``skip`` substring."""
+    out = {}
+    for n, m in block.named_modules():
+        full = f"{prefix}.{n}" if prefix else n
+        if isinstance(m, nn.Linear) and not isinstance(m, BabaiLinear) and not any(s in full for s in skip):
+            out[n] = m
+    return out
+
+
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Every Linear the engine quantizes, by full module name: the Linears inside the decoder blocks minus the
+    ``skip`` substrings. Quantize-on-load and pre-quantized loading both use this one rule, so a checkpoint's
+    packed modules are exactly the ones its loader rebuilds."""
+    name, blocks = find_blocks(model)
     return {
-        n: m
-        for n, m in block.named_modules()
-        if isinstance(m, nn.Linear) and not any(s in n for s in skip) and not isinstance(m, BabaiLinear)
+        f"{name}.{i}.{n}": lin
+        for i, block in enumerate(blocks)
+        for n, lin in target_linears(block, skip, f"{name}.{i}").items()
     }
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device if it dispatched the module, else the device
+    of its first non-meta tensor (meta tensors are disk- or CPU-offloaded weights), else CPU."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def onload_block(block: nn.Module) -> None:
+    """Materialises the accelerate-offloaded (CPU or disk) weights of ``block`` on its execution device and
+    removes those offload hooks, so the block can be quantized as a plain module. Blocks that are not offloaded
+    are left untouched; non-offloading hooks (which move inputs between devices) are kept.
+
+    The quantized block then stays resident at quantized size (packed buffers plus small norms), which is the
+    point of quantize-on-load: peak memory is about one float block plus the quantized model."""
+    for mod in list(block.modules()):
+        hook = getattr(mod, "_hf_hook", None)
+        if hook is None or not getattr(hook, "offload", False):
+            continue
+        from accelerate.hooks import remove_hook_from_module
+
+        hook.pre_forward(mod)  # loads the weights from the offload map onto the execution device
+        hook.offload = False  # so detaching does not send them back to meta
+        remove_hook_from_module(mod)
 
 
 def capture_block_inputs(
@@ -144,7 +189,7 @@ def capture_block_inputs(
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
@@ -245,9 +290,20 @@ def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult, spec
     )
 
 
+def _to(obj, device: torch.device):
+    """Tensors (also inside tuples/lists/dicts, e.g. rotary ``(cos, sin)``) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]], device: torch.device) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [_block_output(block(h.to(device), **kw)).detach().cpu() for h, kw in inputs]
+        return [_block_output(block(h.to(device), **_to(kw, device))).detach().cpu() for h, kw in inputs]
 
 
 def _one_pass(
@@ -303,7 +359,7 @@ def _two_pass(
             for (h, kw), m in zip(inputs, masks, strict=True):
                 bq.new_batch()
                 current["mask"] = m
-                block(h.to(device), **kw)
+                block(h.to(device), **_to(kw, device))
     finally:
         for hd in handles:
             hd.remove()
@@ -333,8 +389,7 @@ def quantize_model(
         batch_size: samples per forward; ``None`` = all at once, which enables the one-pass schedule.
         log_path: where to write the per-layer table (``quant_log.csv``).
     """
-    _, blocks = find_blocks(model)
-    device = next(model.parameters()).device
+    blocks_name, blocks = find_blocks(model)
     records: list[LayerRecord] = []
     if spec.method == "babai" and input_ids is None:
         raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
@@ -353,12 +408,15 @@ def quantize_model(
     total_loss = 0.0
     for b in bar:
         block = blocks[b]
-        linears = target_linears(block, spec.skip)
+        onload_block(block)
+        device = execution_device(block)
+        linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         if spec.method == "rtn":
             for name, lin in linears.items():
                 res = _rtn(lin.weight.detach(), spec)
                 _swap_in(block, name, lin, res, spec)
                 records.append(LayerRecord(b, name, *lin.weight.shape, 0, res.stats.as_dict()))
+                _log_layer(records[-1])
             continue
         bq = _BlockQuantizer(linears, spec)
         outputs = None
@@ -377,10 +435,36 @@ def quantize_model(
             st = bq.results[name].stats
             total_loss += st.loss
             records.append(LayerRecord(b, name, *lin.weight.shape, tokens, st.as_dict()))
+            _log_layer(records[-1])
         bar.set_postfix(loss=f"{total_loss:.4g}")
     if log_path is not None:
         write_log(records, log_path)
     return records
+
+
+LAYER_TABLE_HEADER = (
+    f"{'block':>5} {'layer':<22} {'out':>6} {'in':>6} {'loss':>11} {'bound':>11} {'clip%':>6} {'rank':>6} {'sec':>6}"
+)
+
+
+def _log_layer(rec: LayerRecord) -> None:
+    """One row of the live per-layer table (logger ``hf_babai.engine``, level INFO; the CLI shows it)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    st = rec.stats
+    clip = 100.0 * float(st["clipped"]) / max(1, int(st["weights"]))
+    log.info(
+        "%5d %-22s %6d %6d %11.4g %11.4g %6.2f %6s %6.2f",
+        rec.block,
+        rec.name[-22:],
+        rec.out_features,
+        rec.in_features,
+        st["loss"],
+        st["bound"],
+        clip,
+        st["rank"],
+        st["seconds"],
+    )
 
 
 def write_log(records: list[LayerRecord], path: str | Path) -> None:

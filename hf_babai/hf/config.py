@@ -1,0 +1,194 @@
+"""``BabaiConfig``: the ``quantization_config`` a user passes to ``from_pretrained``.
+
+It carries two kinds of fields:
+
+- **format and solver fields** (``bits``, ``group_size``, ``sym``, ``order``, ...) that are written to
+  ``config.json`` and read back when the checkpoint is loaded;
+- **calibration inputs** (``dataset``, ``tokenizer``) that are only needed while quantizing. They are never
+  serialised: a list of texts or a tokenizer object in ``config.json`` would be large, unreproducible and
+  sometimes private. ``to_dict`` writes a small ``calibration`` descriptor instead (source, sample count,
+  sequence length, token count, a hash of the token ids) so a checkpoint still says what it was calibrated on.
+
+Every field is validated in :meth:`BabaiConfig.post_init`, with a message naming the field, the bad value and
+the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..engine import METHODS, QuantSpec
+from ..solver.grid import SUPPORTED_BITS
+from ..solver.ordering import ORDERS
+
+QUANT_METHOD = "babai"
+FORMAT_VERSION = 1
+SCALE_METHODS = ("mse", "minmax")
+BUILTIN_DATASETS = ("austen",)
+
+
+class BabaiConfig(QuantizationConfigMixin):
+    """Quantization settings for hf_babai (``quant_method="babai"``).
+
+    Args:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input columns per scale; ``-1`` = one scale per output channel.
+        sym: symmetric grid (no stored zero points) if True.
+        order: Babai order: ``"min-pivot"`` (paper's pivoted LDL), ``"act-order"`` or ``"natural"``.
+        method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
+        scale_method: ``"mse"`` (shrink search) or ``"minmax"``.
+        damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
+        block_size: lazy-batch block width of the solver.
+        modules_to_not_convert: substrings of full module names to keep in full precision; ``lm_head`` and
+            embeddings are never quantized (only Linears inside the decoder blocks are).
+        dataset: calibration data: a list of texts (joined, cut into random windows), ``"austen"`` (the
+            offline Austen novels of :mod:`hf_babai.assets`), a ``[n, T]`` tensor of token ids, or a list of
+            ``{"input_ids", "attention_mask"}`` dicts. Not saved.
+        tokenizer: tokenizer object or path for text datasets (default: the model's own). Not saved.
+        nsamples, seqlen: calibration windows cut from text datasets.
+        batch_size: calibration samples per forward; ``None`` = all at once (enables the one-pass schedule).
+        calibration: descriptor of the calibration data, filled in when quantizing (read back from checkpoints).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        order: str = "min-pivot",
+        method: str = "babai",
+        scale_method: str = "mse",
+        damp: float = 0.01,
+        block_size: int = 128,
+        modules_to_not_convert: list[str] | None = None,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        nsamples: int = 128,
+        seqlen: int = 512,
+        batch_size: int | None = None,
+        calibration: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(
+                f"BabaiConfig got unknown fields {sorted(kwargs)}; allowed: bits, group_size, sym, order, method, "
+                "scale_method, damp, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, seqlen, "
+                "batch_size, calibration, format_version"
+            )
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.order = order
+        self.method = method
+        self.scale_method = scale_method
+        self.damp = damp
+        self.block_size = block_size
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.batch_size = batch_size
+        self.calibration = calibration
+        self.format_version = format_version
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validates every field; the message names the field, the value and what is allowed."""
+
+        def bad(field: str, allowed: str) -> ValueError:
+            return ValueError(f"BabaiConfig: {field}={getattr(self, field)!r} is invalid; {allowed}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.bits not in SUPPORTED_BITS or not is_int(self.bits):
+            raise bad("bits", f"use one of {SUPPORTED_BITS}")
+        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size >= 1):
+            raise bad("group_size", "use a positive int (e.g. 32, 64, 128) or -1 for one scale per output channel")
+        if not isinstance(self.sym, bool):
+            raise bad("sym", "use True or False")
+        if self.order not in ORDERS:
+            raise bad("order", f"use one of {ORDERS}")
+        if self.method not in METHODS:
+            raise bad("method", f"use one of {METHODS}")
+        if self.scale_method not in SCALE_METHODS:
+            raise bad("scale_method", f"use one of {SCALE_METHODS}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise bad("damp", "use a float in [0, 1) (fraction of the Hessian's mean diagonal), e.g. 0.01")
+        if not is_int(self.block_size) or self.block_size < 1:
+            raise bad("block_size", "use a positive int, e.g. 128")
+        if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
+            raise bad("modules_to_not_convert", "use a list of module-name substrings, e.g. ['mlp.down_proj']")
+        if not is_int(self.nsamples) or self.nsamples < 1:
+            raise bad("nsamples", "use a positive int (calibration windows), e.g. 128")
+        if not is_int(self.seqlen) or self.seqlen < 2:
+            raise bad("seqlen", "use an int >= 2 (tokens per calibration window), e.g. 512")
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
+            raise bad("batch_size", "use None (all samples in one forward) or a positive int")
+        if self.format_version != FORMAT_VERSION:
+            raise bad("format_version", f"this hf_babai reads format_version {FORMAT_VERSION}; upgrade hf_babai")
+        if isinstance(self.dataset, str) and self.dataset not in BUILTIN_DATASETS:
+            raise bad(
+                "dataset",
+                f"strings name built-in datasets {BUILTIN_DATASETS}; pass your texts as a list of strings "
+                "(hf_babai downloads nothing from the Hub)",
+            )
+
+    @property
+    def skip(self) -> tuple[str, ...]:
+        """Module-name substrings left in full precision."""
+        return ("lm_head", *(self.modules_to_not_convert or ()))
+
+    def spec(self) -> QuantSpec:
+        """The engine's settings for this config."""
+        return QuantSpec(
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            method=self.method,
+            order=self.order,
+            scale_method=self.scale_method,
+            damp=float(self.damp),
+            block_size=self.block_size,
+            skip=self.skip,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to load the checkpoint; calibration objects are replaced by their descriptor."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        out["quant_method"] = QUANT_METHOD
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Fields that differ from the defaults (``quant_method`` always kept)."""
+        default = BabaiConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+
+    def __iter__(self):
+        """``dict(cfg)`` gives the serialisable fields only, like :meth:`to_dict`."""
+        yield from self.to_dict().items()
+
+    def __repr__(self) -> str:
+        return f"BabaiConfig {self.to_dict()}"
+
+
+def describe_calibration(source: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+    """The small, JSON-safe record of the calibration data that goes into ``config.json``."""
+    tokens = int(attention_mask.sum()) if attention_mask is not None else int(input_ids.numel())
+    digest = hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {
+        "source": source,
+        "nsamples": int(input_ids.shape[0]),
+        "seqlen": int(input_ids.shape[1]),
+        "tokens": tokens,
+        "ids_sha256": digest,
+    }

@@ -1,0 +1,211 @@
+"""``BabaiHfQuantizer``: the transformers lifecycle around the engine.
+
+transformers 5.17–5.23 call, in ``from_pretrained``: ``__init__`` → ``validate_environment`` →
+``update_device_map`` → ``update_dtype`` → (model built on meta) ``_process_model_before_weight_loading`` →
+weights load (accelerate may dispatch/offload) → ``_process_model_after_weight_loading``. Only these stable
+hooks are implemented (plus ``_dequantize``, ``is_serializable``, ``is_trainable``).
+
+- **Pre-quantized checkpoint**: before loading, every Linear the engine would quantize
+  (:func:`hf_babai.engine.quantizable_linears`) becomes a meta ``BabaiLinear`` with the checkpoint's bits, group
+  size and symmetry, and the safetensors headers are checked against those modules. transformers initialises
+  missing tensors randomly, so a missing, truncated or wrongly shaped tensor is refused here, by name.
+- **Quantize on load**: after loading, the calibration windows go through the engine block by block. If
+  accelerate offloaded blocks (CPU or disk), each is onloaded just before it is quantized and stays resident at
+  quantized size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+
+from ..engine import _replace, quantizable_linears, quantize_model
+from ..formats import BabaiLinear
+from ..formats.packing import packed_buffer_specs
+from .calibration import calibration_batches
+from .config import BabaiConfig
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+
+
+class CheckpointError(ValueError):
+    """A babai checkpoint that cannot be loaded faithfully (missing, truncated or mis-shaped tensors)."""
+
+
+def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, BabaiLinear]:
+    """Swaps every quantizable ``nn.Linear`` for an empty ``BabaiLinear`` on the Linear's own device (meta during
+    ``from_pretrained``), with the config's format and the Linear's dtype. Returns the new modules by name."""
+    new: dict[str, BabaiLinear] = {}
+    for name, lin in quantizable_linears(model, cfg.skip).items():
+        q = BabaiLinear(
+            lin.in_features,
+            lin.out_features,
+            cfg.bits,
+            cfg.group_size,
+            cfg.sym,
+            bias=lin.bias is not None,
+            dtype=lin.weight.dtype,
+            device=lin.weight.device,
+        )
+        _replace(model, name, q)
+        new[name] = q
+    if not new:
+        raise ValueError(
+            "this model has no Linear layers that BabaiConfig would quantize; check modules_to_not_convert"
+        )
+    return new
+
+
+def _read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """``{tensor name: (shape, safetensors dtype, file)}`` over all shards; unreadable or truncated files raise."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str, str]] = {}
+    for f in files:
+        if not str(f).endswith(".safetensors"):
+            raise CheckpointError(f"{f}: babai checkpoints are loaded from .safetensors files only")
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    sl = sf.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), sl.get_dtype(), f)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(
+                f"{f} cannot be read as safetensors ({e}); the file is truncated or corrupt: download or save it again"
+            ) from e
+    return out
+
+
+def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: list[str] | None) -> None:
+    """Refuses a checkpoint whose packed tensors do not match the modules they load into, before any loading.
+
+    Checked: every buffer of every ``BabaiLinear`` (and its bias) is present with the exact shape and dtype;
+    no packed tensor is left without a module; and (for models whose checkpoint keys equal their state-dict
+    keys) every other persistent tensor that is not tied is present."""
+    if not files:
+        return
+    header = _read_headers([str(f) for f in files])
+    problems: list[str] = []
+    for name, mod in modules.items():
+        specs = packed_buffer_specs(mod.in_features, mod.out_features, mod.bits, mod.group_size, mod.sym)
+        if mod.bias is not None:
+            specs = {**specs, "bias": ((mod.out_features,), None)}
+        for buf, (shape, dtype) in specs.items():
+            key = f"{name}.{buf}"
+            if key not in header:
+                problems.append(f"{key} is missing")
+                continue
+            got_shape, got_dtype, f = header[key]
+            if tuple(got_shape) != tuple(shape):
+                problems.append(f"{key} has shape {list(got_shape)} in {Path(f).name}, expected {list(shape)}")
+            elif dtype is not None and got_dtype != _ST_DTYPES.get(dtype):
+                problems.append(f"{key} has dtype {got_dtype} in {Path(f).name}, expected {_ST_DTYPES.get(dtype)}")
+    packed_keys = {k.rsplit(".", 1)[0] for k in header if k.endswith(".qweight")}
+    for orphan in sorted(packed_keys - set(modules)):
+        problems.append(f"{orphan}.qweight has no quantized module to load into (was it saved with other settings?)")
+    problems += [p for p in _missing_dense(model, header) if p not in problems]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(
+            f"this babai checkpoint does not match the model ({len(problems)} problems):\n  {shown}\n"
+            "Loading it would leave randomly initialised weights. Re-save or re-download the checkpoint."
+        )
+
+
+def _missing_dense(model: nn.Module, header: dict) -> list[str]:
+    """Non-quantized tensors absent from the checkpoint (skipped for architectures whose checkpoint keys are
+    renamed on load, where names cannot be compared directly)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        if get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)):
+            return []
+    except ImportError:  # pragma: no cover - older transformers
+        return []
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return [f"{k} is missing" for k in model.state_dict() if k not in header and k not in tied]
+
+
+class BabaiHfQuantizer(HfQuantizer):
+    """transformers quantizer for ``quant_method="babai"`` (see the module docstring for the lifecycle)."""
+
+    requires_calibration = False
+    quantization_config: BabaiConfig
+
+    def __init__(self, quantization_config: BabaiConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.records: list = []
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        cfg = self.quantization_config
+        if not self.pre_quantized and cfg.method == "babai" and cfg.dataset is None:
+            raise ValueError(
+                "BabaiConfig(method='babai') quantizes on load and needs calibration data: pass dataset=[texts...] "
+                "with tokenizer=..., or dataset='austen' (offline default); use method='rtn' for no calibration"
+            )
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
+        """Keeps the requested compute dtype (fp32/fp16/bf16); packed tensors keep their own dtypes."""
+        return dtype
+
+    update_torch_dtype = update_dtype  # name used by older transformers
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            modules = replace_with_babai_linear(model, self.quantization_config)
+            check_checkpoint(model, modules, kwargs.get("checkpoint_files"))
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            return model
+        cfg = self.quantization_config
+        ids = mask = None
+        start = time.perf_counter()
+        if cfg.method == "babai":
+            ids, mask, cfg.calibration = calibration_batches(cfg, model)
+        model.eval()
+        self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
+        log.info("hf_babai: quantized %d layers in %.1f s", len(self.records), time.perf_counter() - start)
+        model.config.quantization_config = cfg
+        return model
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """Every ``BabaiLinear`` becomes an ``nn.Linear`` holding its dequantized weight (same outputs)."""
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, BabaiLinear):
+                dt = dtype or mod.compute_dtype
+                lin = nn.Linear(
+                    mod.in_features, mod.out_features, bias=mod.bias is not None, device=mod.qweight.device, dtype=dt
+                )
+                with torch.no_grad():
+                    lin.weight.copy_(mod.dequantize(dt))
+                    if mod.bias is not None:
+                        lin.bias.copy_(mod.bias)
+                _replace(model, name, lin)
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
