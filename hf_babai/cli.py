@@ -1,4 +1,6 @@
-"""Command line: ``hf-babai demo`` (the README's main job).
+"""Command line ``hf-babai``: ``demo`` (the README's main job), ``quantize``, ``info``.
+
+Exit codes: 0 success, 1 bad input or a failed run (the message says what and how to fix it), 2 usage errors.
 
 ``demo`` installs the small offline model and texts if needed, measures the full-precision perplexity on
 held-out text, quantizes a fresh copy of the model at each requested bit width with the default method
@@ -56,6 +58,202 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A problem with the user's input; printed as ``error: ...`` with exit code 1."""
+
+
+def _read_texts(source: str) -> list[str] | str:
+    """``austen`` (built-in), a ``.txt`` file (one document) or a ``.jsonl`` file (one ``{"text": ...}`` per line)."""
+    from pathlib import Path
+
+    if source == "austen":
+        return "austen"
+    path = Path(source)
+    if not path.is_file():
+        raise CliError(f"--dataset {source!r} is neither 'austen' nor an existing .txt/.jsonl file")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise CliError(f"{path}:{i}: each line must be a JSON object with a string 'text' field")
+                texts.append(row["text"])
+        return texts
+    return [path.read_text(encoding="utf-8")]
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _dir_bytes(path, pattern: str = "*.safetensors") -> int:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(path).glob(pattern))
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import hf_babai
+    from hf_babai.engine import LAYER_TABLE_HEADER, model_bits_per_weight
+
+    src = args.model
+    cfg_src = AutoConfig.from_pretrained(src)
+    if getattr(cfg_src, "quantization_config", None) is not None:
+        qm = cfg_src.quantization_config
+        qm = qm.get("quant_method") if isinstance(qm, dict) else getattr(qm, "quant_method", qm)
+        raise CliError(f"{src} is already quantized (quant_method={qm!r}); start from the full-precision model")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    tok = AutoTokenizer.from_pretrained(src)
+    dataset = _read_texts(args.dataset) if args.method == "babai" else None
+    qcfg = hf_babai.BabaiConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=not args.asym,
+        order=args.order,
+        method=args.method,
+        damp=args.damp,
+        dataset=dataset,
+        tokenizer=tok,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        modules_to_not_convert=args.skip or None,
+    )
+
+    class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record))
+
+    engine_log = logging.getLogger("hf_babai.engine")
+    if not args.quiet:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+        engine_log.propagate = False
+        print(LAYER_TABLE_HEADER)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    load_kw: dict = {"dtype": dtype}
+    if args.device_map:
+        load_kw["device_map"] = args.device_map
+    if args.offload_folder:
+        load_kw["offload_folder"] = args.offload_folder
+    if args.max_memory:
+        load_kw["max_memory"] = {
+            (int(k) if k.isdigit() else k): v for k, v in (kv.split("=", 1) for kv in args.max_memory)
+        }
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, **load_kw)
+    secs = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    hf_babai.write_quant_log(model, out / "quant_log.csv")
+    if args.export_gptq:
+        hf_babai.export(model, args.export_gptq)
+        tok.save_pretrained(args.export_gptq)
+    records = hf_babai.hf.quant_log_records(model)
+    loss = sum(float(r.stats["loss"]) for r in records)
+    bound = sum(float(r.stats["bound"]) for r in records)
+    src_bytes = _dir_bytes(src) if Path(src).is_dir() else float("nan")
+    summary = {
+        "model": str(src),
+        "out": str(out),
+        "layers": len(records),
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "bits_per_weight": round(model_bits_per_weight(model), 4),
+        "seconds": round(secs, 1),
+        "peak_rss_gb": round(_peak_rss_gb(), 2),
+        "size_before_mb": round(src_bytes / 2**20, 1),
+        "size_after_mb": round(_dir_bytes(out) / 2**20, 1),
+        "loss": loss,
+        "bound": bound,
+    }
+    print(
+        f"quantized {summary['layers']} layers of {src} to {args.bits}-bit g{args.group_size} in {secs:.0f}s: "
+        f"{summary['bits_per_weight']:.3f} bits/weight, peak RSS {summary['peak_rss_gb']:.2f} GB, "
+        f"checkpoint {summary['size_before_mb']:.0f} MB -> {summary['size_after_mb']:.0f} MB; "
+        f"saved to {out} (quant_log.csv has the per-layer table)"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_babai
+    from hf_babai.engine import model_bits_per_weight
+
+    path = Path(args.checkpoint)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CliError(f"{path} has no config.json; pass a checkpoint folder written by save_pretrained")
+    raw = json.loads(cfg_file.read_text())
+    qraw = raw.get("quantization_config")
+    if not isinstance(qraw, dict) or qraw.get("quant_method") != "babai":
+        qm = qraw.get("quant_method") if isinstance(qraw, dict) else None
+        raise CliError(f"{path} is not a babai checkpoint (quant_method={qm!r})")
+    qcfg = hf_babai.BabaiConfig.from_dict(qraw)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    modules = hf_babai.hf.replace_with_babai_linear(skeleton, qcfg)
+    files = sorted(str(f) for f in path.glob("*.safetensors"))
+    hf_babai.hf.check_checkpoint(skeleton, modules, files)
+    info = {
+        "checkpoint": str(path),
+        "architecture": (config.architectures or ["?"])[0],
+        "format": f"babai v{qcfg.format_version}: {qcfg.bits}-bit, group {qcfg.group_size}, "
+        + ("symmetric" if qcfg.sym else "asymmetric"),
+        "method": qcfg.method,
+        "order": qcfg.order,
+        "quantized_layers": len(modules),
+        "bits_per_weight": round(model_bits_per_weight(skeleton), 4),
+        "size_mb": round(_dir_bytes(path) / 2**20, 1),
+        "calibration": qcfg.calibration,
+        "checked": "every packed tensor present with the right shape and dtype",
+    }
+    log_file = path / "quant_log.csv"
+    if log_file.is_file():
+        with open(log_file) as f:
+            rows = list(csv.DictReader(f))
+        loss = sum(float(r["loss"]) for r in rows)
+        bound = sum(float(r["bound"]) for r in rows)
+        worst = max(rows, key=lambda r: float(r["loss"]) / max(float(r["bound"]), 1e-30))
+        info["layer_stats"] = {
+            "rows": len(rows),
+            "loss_total": loss,
+            "babai_bound_total": bound,
+            "loss_over_bound": loss / bound if bound else None,
+            "clipped_fraction": sum(int(r["clipped"]) for r in rows) / max(1, sum(int(r["weights"]) for r in rows)),
+            "worst_layer_vs_bound": f"block {worst['block']} {worst['layer']}",
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>18}: {v}")
+        print(f"{'load with':>18}: import hf_babai; AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-babai", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,11 +269,41 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--windows", type=int, default=DEFAULTS["windows"], help="evaluation windows")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = sub.add_parser("quantize", help="quantize a model folder (or Hub id) and save a babai checkpoint")
+    q.add_argument("model", help="full-precision model folder or Hub id")
+    q.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid (stored zero points)")
+    q.add_argument("--order", default="min-pivot", choices=["natural", "act-order", "min-pivot"])
+    q.add_argument("--method", default="babai", choices=["babai", "rtn"])
+    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--skip", nargs="*", default=[], help="module-name substrings to keep in full precision")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
+    q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")
+    q.add_argument("--max-memory", nargs="*", default=None, help="e.g. cpu=2GiB 0=20GiB")
+    q.add_argument("--export-gptq", default=None, help="also write a GPTQ v1 checkpoint to this folder")
+    q.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    q.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    q.add_argument("--quiet", action="store_true", help="no per-layer table")
+
+    i = sub.add_parser("info", help="describe and check a babai checkpoint without loading its weights")
+    i.add_argument("checkpoint", help="checkpoint folder")
+    i.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    return 2
+    commands = {"demo": _demo, "quantize": _quantize, "info": _info}
+    try:
+        return commands[args.command](args)
+    except (CliError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -172,7 +173,12 @@ def onload_block(block: nn.Module) -> None:
 
 
 def capture_block_inputs(
-    model: nn.Module, block: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
+    model: nn.Module,
+    block: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    progress: bool = False,
 ) -> list[tuple[torch.Tensor, dict]]:
     """Runs the model up to block 0 per calibration batch and returns ``(hidden_states, kwargs)`` per batch
     (hidden states on CPU; the kwargs such as rotary embeddings and the causal mask as given)."""
@@ -192,7 +198,8 @@ def capture_block_inputs(
     device = execution_device(model)
     try:
         with torch.no_grad():
-            for start in range(0, input_ids.shape[0], batch_size):
+            starts = range(0, input_ids.shape[0], batch_size)
+            for start in tqdm(starts, desc="calibration inputs", disable=not progress, leave=False):
                 batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
                 if attention_mask is not None:
                     batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
@@ -288,6 +295,22 @@ def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult, spec
         name,
         BabaiLinear.from_linear(lin, res.codes, res.scales, res.zeros, spec.bits, spec.group_size, spec.sym),
     )
+
+
+def _release_freed_memory() -> None:
+    """Frees each block's float copies once it is quantized and returns the memory to the OS.
+
+    The replaced Linears of an accelerate-offloaded block sit in reference cycles (its hooks wrap ``forward``
+    in closures over the module), so they are only freed by the cycle collector: without ``gc.collect`` an
+    offloaded run keeps one float block per quantized block. ``malloc_trim`` (glibc only) then hands the freed
+    heap back, since glibc keeps mid-sized chunks after its mmap threshold has grown."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
 
 
 def _to(obj, device: torch.device):
@@ -395,7 +418,9 @@ def quantize_model(
         raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
     n = 0 if input_ids is None else input_ids.shape[0]
     bs = n if batch_size is None else batch_size
-    inputs = [] if spec.method == "rtn" else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs)
+    inputs = (
+        [] if spec.method == "rtn" else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
+    )
     masks = [None] * len(inputs)
     if attention_mask is not None:
         masks = [attention_mask[i : i + bs] for i in range(0, n, bs)]
@@ -437,6 +462,7 @@ def quantize_model(
             records.append(LayerRecord(b, name, *lin.weight.shape, tokens, st.as_dict()))
             _log_layer(records[-1])
         bar.set_postfix(loss=f"{total_loss:.4g}")
+        _release_freed_memory()
     if log_path is not None:
         write_log(records, log_path)
     return records
