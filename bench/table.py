@@ -1,6 +1,6 @@
 """Markdown table from ``bench/quality.py`` JSON lines (used for the README).
 
-    .venv/bin/python bench/table.py bench/results/quality_smollm2-135m.jsonl
+.venv/bin/python bench/table.py bench/results/quality_smollm2-135m.jsonl
 """
 
 from __future__ import annotations
