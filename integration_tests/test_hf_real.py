@@ -91,6 +91,8 @@ def test_disk_offloaded_quantization_matches_in_memory_and_never_holds_the_float
     # private memory above the process baseline: one block being quantized plus the quantized model so far,
     # never the float model (each onloaded block is freed once quantized)
     assert info["peak_anon_mb"] - info["base_anon_mb"] < fp32_mb, info
+    # total resident size (incl. mmapped checkpoint pages): the in-memory run touches every float weight
+    assert info["peak_rss_mb"] < ref["peak_rss_mb"] - 0.4 * fp32_mb, (info, ref)
     tmp = real["tmp"]
     assert torch.equal(torch.load(tmp / "offloaded" / "logits.pt"), torch.load(tmp / "inmem" / "logits.pt"))
 
