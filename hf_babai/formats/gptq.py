@@ -79,5 +79,5 @@ def gptq_tensors(
         "qweight": pack_stream(codes.t().to(torch.int64), bits),
         "qzeros": pack_stream(zeros.to(torch.int64) - 1, bits).t().contiguous(),  # [N, G] → [G, N·b/32]
         "scales": scales.t().contiguous().to(torch.float16),
-        "g_idx": (torch.arange(in_features, dtype=torch.int32) // g).to(torch.int32),
+        "g_idx": torch.arange(in_features, dtype=torch.int32) // g,
     }

@@ -9,6 +9,11 @@ import torch
 from ..perplexity import calibration_windows
 from .config import BabaiConfig, describe_calibration
 
+MISSING_DATASET = (
+    "BabaiConfig(method='babai') needs calibration data to quantize on load: pass dataset=[texts...] "
+    "(and tokenizer=...), dataset='austen' for the offline default, or method='rtn' for no calibration"
+)
+
 
 def _load_tokenizer(tokenizer: Any, model: torch.nn.Module) -> Any:
     if tokenizer is not None and not isinstance(tokenizer, str):
@@ -52,10 +57,7 @@ def calibration_batches(
     ``cfg.seqlen`` tokens at fixed-seed random offsets, as GPTQ samples its calibration set."""
     data = cfg.dataset
     if data is None:
-        raise ValueError(
-            "BabaiConfig(method='babai') needs calibration data to quantize on load: pass dataset=[texts...] "
-            "(and tokenizer=...), dataset='austen' for the offline default, or method='rtn' for no calibration"
-        )
+        raise ValueError(MISSING_DATASET)
     mask = None
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int32, torch.int64):

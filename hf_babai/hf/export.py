@@ -75,7 +75,7 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
             continue
         if t.device.type == "meta":
             raise ValueError(f"{key} is offloaded (meta); load the model without disk offload before exporting")
-        state[key] = t.detach().contiguous()
+        state[key] = t.detach()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from transformers.quantizers import HfQuantizer
 from ..engine import _replace, quantizable_linears, quantize_model
 from ..formats import BabaiLinear
 from ..formats.packing import packed_buffer_specs
-from .calibration import calibration_batches
+from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,6 @@ def _read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str, str
                 for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     sl = sf.get_slice(k)
                     out[k] = (tuple(sl.get_shape()), sl.get_dtype(), f)
-        except CheckpointError:
-            raise
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(
                 f"{f} cannot be read as safetensors ({e}); the file is truncated or corrupt: download or save it again"
@@ -121,7 +119,7 @@ def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: l
     packed_keys = {k.rsplit(".", 1)[0] for k in header if k.endswith(".qweight")}
     for orphan in sorted(packed_keys - set(modules)):
         problems.append(f"{orphan}.qweight has no quantized module to load into (was it saved with other settings?)")
-    problems += [p for p in _missing_dense(model, header) if p not in problems]
+    problems += _missing_dense(model, header, set(modules))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise CheckpointError(
@@ -130,7 +128,7 @@ def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: l
         )
 
 
-def _missing_dense(model: nn.Module, header: dict) -> list[str]:
+def _missing_dense(model: nn.Module, header: dict, quantized: set[str]) -> list[str]:
     """Non-quantized tensors absent from the checkpoint (skipped for architectures whose checkpoint keys are
     renamed on load, where names cannot be compared directly)."""
     try:
@@ -141,7 +139,11 @@ def _missing_dense(model: nn.Module, header: dict) -> list[str]:
     except ImportError:  # pragma: no cover - older transformers
         return []
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    return [f"{k} is missing" for k in model.state_dict() if k not in header and k not in tied]
+    return [
+        f"{k} is missing"
+        for k in model.state_dict()
+        if k not in header and k not in tied and k.rsplit(".", 1)[0] not in quantized  # those are checked above
+    ]
 
 
 class BabaiHfQuantizer(HfQuantizer):
@@ -157,10 +159,7 @@ class BabaiHfQuantizer(HfQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         cfg = self.quantization_config
         if not self.pre_quantized and cfg.method == "babai" and cfg.dataset is None:
-            raise ValueError(
-                "BabaiConfig(method='babai') quantizes on load and needs calibration data: pass dataset=[texts...] "
-                "with tokenizer=..., or dataset='austen' (offline default); use method='rtn' for no calibration"
-            )
+            raise ValueError(MISSING_DATASET)  # before any weights are loaded
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
         """Keeps the requested compute dtype (fp32/fp16/bf16); packed tensors keep their own dtypes."""
