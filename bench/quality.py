@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the random calibration windows")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
@@ -120,7 +121,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     tmp = Path(tempfile.mkdtemp(prefix="hf_babai_bench_"))
     calib_file, eval_file = tmp / "calib.pt", tmp / "eval.pt"
-    torch.save(calibration_windows(tok, assets.calibration_text(), args.calib, args.calib_seqlen), calib_file)
+    calib = calibration_windows(tok, assets.calibration_text(), args.calib, args.calib_seqlen, seed=args.calib_seed)
+    torch.save(calib, calib_file)
     torch.save(eval_windows(tok, assets.eval_text(), args.seqlen, args.windows), eval_file)
     base = [
         sys.executable,
@@ -184,6 +186,7 @@ def main() -> None:
     for cmd in jobs:
         rec = _sub(cmd)
         rec.setdefault("model", args.model)
+        rec["calib_seed"] = args.calib_seed
         if rec.get("tool") == "llm-compressor":
             rec.setdefault("order", f"actorder={rec.get('actorder')}")
             # compare at 16-bit scales like ours (the peer keeps scales in the model dtype, fp32 here)
