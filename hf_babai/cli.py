@@ -15,8 +15,10 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 DEFAULTS = {"model": "smollm2-135m", "calib": 32, "calib_seqlen": 512, "seqlen": 2048, "windows": 4}
+EVAL_FIELDS = ("task_type", "dataset_type", "dataset_name", "metric_type", "metric_value", "source_name", "source_url")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -192,65 +194,73 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    import csv
-    from pathlib import Path
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import hf_babai
-    from hf_babai.engine import model_bits_per_weight
+    from hf_babai.hf.summary import checkpoint_summary
 
     path = Path(args.checkpoint)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CliError(f"{path} has no config.json; pass a checkpoint folder written by save_pretrained")
-    raw = json.loads(cfg_file.read_text())
-    qraw = raw.get("quantization_config")
-    if not isinstance(qraw, dict) or qraw.get("quant_method") != "babai":
-        qm = qraw.get("quant_method") if isinstance(qraw, dict) else None
-        raise CliError(f"{path} is not a babai checkpoint (quant_method={qm!r})")
-    qcfg = hf_babai.BabaiConfig.from_dict(qraw)
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    modules = hf_babai.hf.replace_with_babai_linear(skeleton, qcfg)
-    files = sorted(str(f) for f in path.glob("*.safetensors"))
-    hf_babai.hf.check_checkpoint(skeleton, modules, files)
-    info = {
-        "checkpoint": str(path),
-        "architecture": (config.architectures or ["?"])[0],
-        "format": f"babai v{qcfg.format_version}: {qcfg.bits}-bit, group {qcfg.group_size}, "
-        + ("symmetric" if qcfg.sym else "asymmetric"),
-        "method": qcfg.method,
-        "order": qcfg.order,
-        "quantized_layers": len(modules),
-        "bits_per_weight": round(model_bits_per_weight(skeleton), 4),
-        "size_mb": round(_dir_bytes(path) / 2**20, 1),
-        "calibration": qcfg.calibration,
-        "checked": "every packed tensor present with the right shape and dtype",
-    }
-    log_file = path / "quant_log.csv"
-    if log_file.is_file():
-        with open(log_file) as f:
-            rows = list(csv.DictReader(f))
-        loss = sum(float(r["loss"]) for r in rows)
-        bound = sum(float(r["bound"]) for r in rows)
-        worst = max(rows, key=lambda r: float(r["loss"]) / max(float(r["bound"]), 1e-30))
-        info["layer_stats"] = {
-            "rows": len(rows),
-            "loss_total": loss,
-            "babai_bound_total": bound,
-            "loss_over_bound": loss / bound if bound else None,
-            "clipped_fraction": sum(int(r["clipped"]) for r in rows) / max(1, sum(int(r["weights"]) for r in rows)),
-            "worst_layer_vs_bound": f"block {worst['block']} {worst['layer']}",
-        }
+    summary = checkpoint_summary(path)
+    info = {k: summary[k] for k in ("checkpoint", "architecture", "format", "method", "order", "quantized_layers")}
+    info["bits_per_weight"] = summary["bits_per_weight"]
+    info["size_mb"] = round(summary["size_bytes"] / 2**20, 1)
+    info["calibration"] = summary["calibration"]
+    info["checked"] = "every packed tensor present with the right shape and dtype"
+    if summary["layer_stats"] is not None:
+        info["layer_stats"] = summary["layer_stats"]
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
             print(f"{k:>18}: {v}")
         print(f"{'load with':>18}: import hf_babai; AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
+def _eval_file(path: Path) -> Path:
+    return path / "eval_results.json"
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import hf_babai
+
+    path = Path(args.checkpoint)
+    evals = None
+    if _eval_file(path).is_file():  # written by `hf-babai eval --save`
+        evals = json.loads(_eval_file(path).read_text())["eval_results"]
+    try:
+        url = hf_babai.publish(
+            path,
+            args.repo_id,
+            private=args.private or None,
+            base_model=args.base_model,
+            eval_results=evals,
+            card_template=args.card_template,
+            commit_message=args.message,
+            revision=args.revision,
+            license=args.license,
+        )
+    except hf_babai.PublishError as e:  # token problems and Hub refusals: a message, not a traceback
+        raise CliError(str(e)) from None
+    print(f"published: {url}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_babai
+    from hf_babai.hf.summary import read_babai_config
+
+    path = Path(args.checkpoint)
+    read_babai_config(path)  # a clear error for a folder that is not a babai checkpoint
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # <1: a fraction
+    res = hf_babai.evaluate(model, tok, args.tasks, limit=limit, text_file=args.text_file)
+    print(res.table())
+    if args.save:
+        rows = [{k: getattr(e, k) for k in EVAL_FIELDS} for e in res.eval_results]
+        _eval_file(path).write_text(json.dumps({"results": res.results, "eval_results": rows}, indent=2))
+        print(f"saved to {_eval_file(path)} (`hf-babai publish` puts it into the model card)")
     return 0
 
 
@@ -296,9 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("checkpoint", help="checkpoint folder")
     i.add_argument("--json", action="store_true")
 
+    pub = sub.add_parser("publish", help="upload a babai checkpoint with an auto-generated model card")
+    pub.add_argument("checkpoint", help="checkpoint folder (from `hf-babai quantize` or save_pretrained)")
+    pub.add_argument("repo_id", help="org/name or name (the token's user)")
+    pub.add_argument("--base-model", default=None, help="Hub id of the original model, for the card")
+    pub.add_argument("--private", action="store_true")
+    pub.add_argument("--revision", default=None, help="branch to commit to")
+    pub.add_argument("--message", default=None, help="commit message")
+    pub.add_argument("--card-template", default=None, help="Jinja card template instead of the default")
+    pub.add_argument("--license", default=None)
+
+    ev = sub.add_parser("eval", help="evaluate a babai checkpoint with lm-eval")
+    ev.add_argument("checkpoint", help="checkpoint folder")
+    ev.add_argument("--tasks", nargs="+", default=["babai_ppl"], help="lm-eval tasks (babai_ppl is offline)")
+    ev.add_argument("--limit", type=float, default=None, help="documents per task")
+    ev.add_argument("--text-file", default=None, help="text for babai_ppl instead of the built-in one")
+    ev.add_argument("--save", action="store_true", help="write eval_results.json into the checkpoint folder")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"demo": _demo, "quantize": _quantize, "info": _info}
+    commands = {"demo": _demo, "quantize": _quantize, "info": _info, "publish": _publish, "eval": _eval}
     try:
         return commands[args.command](args)
     except (CliError, ValueError, OSError) as e:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from .config import QUANT_METHOD, BabaiConfig
 from .export import export
+from .optimum_api import BabaiQuantizer
 from .quantizer import BabaiHfQuantizer, CheckpointError, check_checkpoint, replace_with_babai_linear
 
 __all__ = [
     "QUANT_METHOD",
     "BabaiConfig",
     "BabaiHfQuantizer",
+    "BabaiQuantizer",
     "CheckpointError",
     "check_checkpoint",
     "export",

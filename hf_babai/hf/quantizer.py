@@ -174,6 +174,8 @@ class BabaiHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if hasattr(model, "add_model_tags"):  # so even transformers' generic push_to_hub card says what this is
+            model.add_model_tags(["hf_babai", "babai"])
         if self.pre_quantized:
             return model
         cfg = self.quantization_config
