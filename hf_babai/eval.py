@@ -42,8 +42,11 @@ doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
   - metric: word_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
   source: {source}

@@ -134,7 +134,7 @@ def _check_token(api: HfApi, token: str | None) -> tuple[str, str]:
         who = api.whoami(token=tok)
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
-        reason = e.server_message or str(status)
+        reason = e.server_message or str(e).splitlines()[0] or "no reason given"  # whoami: "Invalid user token."
         raise PublishError(
             f"the Hub rejected the token ({status}: {reason}); pass a valid token with write access "
             "(token=..., HF_TOKEN or `hf auth login`). Nothing was uploaded."

@@ -3,8 +3,8 @@
 The packed buffers (see :mod:`hf_babai.formats.packing`) are registered up front with their
 final shapes and dtypes, so a quantized model can be instantiated on the meta device and then
 filled from safetensors with ``load_state_dict(..., assign=True)`` without ever materialising
-dense weights. ``forward`` currently dequantizes with plain torch; kernel backends plug into
-:meth:`BabaiLinear._select_forward`.
+dense weights. ``forward`` runs the fused Triton kernel on CUDA inputs and dequantizes with plain torch
+otherwise; :meth:`BabaiLinear._select_forward` is the one place that decides.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernel_ops import dense_matmul, select_backend
 from .packing import bit_planes, dequantize_packed, pack_weight, packed_buffer_specs
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BabaiLinear"]
@@ -29,7 +30,8 @@ class BabaiLinear(nn.Module):
 
     Attributes: ``in_features``, ``out_features``, ``bits``, ``group_size``, ``sym``,
     ``compute_dtype`` (dtype of the original weight; default for :meth:`dequantize` and the
-    bias dtype) and ``chunk_size`` (output rows dequantized at once in ``forward``).
+    bias dtype), ``chunk_size`` (output rows dequantized at once in the torch path) and ``backend``
+    (``"auto"``: Triton for CUDA inputs, torch otherwise; ``"torch"`` / ``"triton"`` force one).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class BabaiLinear(nn.Module):
         self.sym = sym
         self.compute_dtype = dtype
         self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.backend = "auto"  # "torch" forces the dequantize + F.linear path (debugging); see select_backend
         for name, (shape, buf_dtype) in specs.items():
             self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device), persistent=True)
         if bias:
@@ -139,8 +142,24 @@ class BabaiLinear(nn.Module):
         return self._select_forward(x)(x)
 
     def _select_forward(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """The one place that picks a compute backend for ``x``; only the torch path exists yet."""
-        return self._forward_torch
+        """The one place that picks a compute backend for ``x`` (``self.backend``: auto / torch / triton)."""
+        return self._forward_triton if select_backend(x, self.backend) == "triton" else self._forward_torch
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        """Fused dequantize + matmul straight from the packed buffers (``hf_babai::dense_matmul``)."""
+        group = self.in_features if self.group_size == -1 else self.group_size
+        y = dense_matmul(
+            x,
+            self.qweight,
+            getattr(self, "qweight_hi", None),
+            self.scales,
+            getattr(self, "qzeros", None),
+            getattr(self, "qzeros_hi", None),
+            self.bits,
+            group,
+            self.out_features,
+        )
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _forward_torch(self, x: Tensor) -> Tensor:
         """Dequantize ``chunk_size`` output rows at a time in ``x.dtype`` and run ``F.linear``.
