@@ -1,0 +1,101 @@
+"""Same inputs, same answer? hf_babai's solver and scales vs llm-compressor's on real SmolLM2 layers.
+
+Captures the real input Hessians of two layers of block 3 (q_proj, down_proj) from calibration text, computes
+our MSE scales and our act-order Babai codes (3-bit per-channel, the setting where the end-to-end perplexities
+differ most), then runs llm-compressor's own ``quantize_weight`` and its ``memoryless_mse`` observer on the same
+W and H in the peer's virtual environment, and prints how far apart the codes, proxy losses and scales are.
+
+    .venv/bin/python bench/peer_equivalence.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
+
+PEER_SIDE = r"""
+import json, sys, torch
+from compressed_tensors.quantization import QuantizationArgs
+from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+from llmcompressor.observers.base import Observer
+d = torch.load(sys.argv[1])
+out = {}
+for name, v in d.items():
+    W, H, s = v["W"], v["H"].float(), v["scale"].float()
+    qa = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="channel", actorder="static",
+                          observer="memoryless_mse",
+                          observer_kwargs={"maxshrink": 0.8, "grid": 100.0, "norm": 2.4, "patience": 80})
+    zp = torch.zeros_like(s, dtype=torch.int8)
+    Q, _, fallback = quantize_weight(W[None].clone(), H[None].clone(), s[None], zp[None], None, qa, 128, 0.01)
+    codes = torch.round(Q[0] / s).long() + 4
+    obs = Observer.load_from_registry("memoryless_mse", base_name="weight", args=qa)
+    obs(W)
+    ps = obs.get_qparams()["scale"].reshape(-1).float()
+    rel = (ps - s.reshape(-1)).abs() / s.reshape(-1)
+    dW = s.double() * (codes.double() - 4) - W.double()
+    out[name] = {
+        "code_mismatch": (codes != v["codes"].long()).float().mean().item(),
+        "peer_loss": torch.einsum("nk,kl,nl->", dW, v["H"], dW).item(),
+        "scale_rel_diff_median": rel.median().item(),
+        "scale_rel_diff_max": rel.max().item(),
+        "rtn_fallback": bool(fallback.any()),
+    }
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_babai import assets
+    from hf_babai.perplexity import calibration_windows
+    from hf_babai.solver import Grid, HessianAccumulator, babai_quantize, factor_hessian
+    from hf_babai.solver.grid import compute_scales
+
+    if not PEER_PY.exists():
+        sys.exit(f"needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+    path = assets.ensure_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    calib = calibration_windows(tok, assets.calibration_text(), n=16, seqlen=512)
+    block = model.model.layers[3]
+    targets = {"block3.q_proj": block.self_attn.q_proj, "block3.down_proj": block.mlp.down_proj}
+    accs = {name: HessianAccumulator(lin.in_features) for name, lin in targets.items()}
+    hooks = [
+        lin.register_forward_pre_hook(lambda mod, a, name=name: accs[name].add(a[0].detach()))
+        for name, lin in targets.items()
+    ]
+    with torch.no_grad():
+        for i in range(calib.shape[0]):
+            model(calib[i : i + 1])
+    for h in hooks:
+        h.remove()
+    grid = Grid(bits=3, sym=True, group_size=-1)
+    dump, ours = {}, {}
+    for name, lin in targets.items():
+        w, h = lin.weight.detach().float(), accs[name].finalize()
+        scales = compute_scales(w, grid, "mse")
+        res = babai_quantize(w, factor_hessian(h, "act-order"), grid, scales=scales, dtype=torch.float64)
+        dump[name] = {"W": w, "H": h, "scale": scales[0], "codes": res.codes}
+        ours[name] = res.stats.loss
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(dump, Path(tmp) / "layers.pt")
+        cmd = [str(PEER_PY), "-c", PEER_SIDE, str(Path(tmp) / "layers.pt")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    peer = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in targets:
+        rec = {"layer": name, "bits": 3, "group_size": -1, "order": "act-order", "our_loss": ours[name]}
+        print(json.dumps({**rec, **peer[name]}))
+
+
+if __name__ == "__main__":
+    main()
