@@ -124,6 +124,10 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
         proc = subprocess.run([*args, str(tmp_path), BASE], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-4000:]
         res = json.loads(proc.stdout.strip().splitlines()[-1])
+        # the CLI: a rejected token is a one-line error and exit code 1, a good one publishes
+        cli = [sys.executable, "-m", "hf_babai", "publish", str(quantized["tmp"] / "ckpt"), "cli-repo"]
+        bad = subprocess.run(cli, capture_output=True, text=True, env={**env, "HF_TOKEN": "hf_nope"}, cwd=tmp_path)
+        good = subprocess.run([*cli, "--base-model", BASE], capture_output=True, text=True, env=env, cwd=tmp_path)
     finally:
         hub.stop()
     assert "rejected the token" in res["wrong_token"] and "401" in res["wrong_token"]
@@ -131,6 +135,10 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
     assert "refused the upload to someone-else/repo (403" in res["other_namespace"]
     assert "can write to that namespace" in res["other_namespace"]
     assert "tester/wrong-token" not in hub.repos and "tester/no-token" not in hub.repos  # nothing was created
+    assert bad.returncode == 1 and "error: the Hub rejected the token (401" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and "hf_nope" not in bad.stderr
+    assert good.returncode == 0 and "published: " in good.stdout, good.stderr[-2000:]
+    assert "tester/cli-repo" in hub.repos
     assert "tester/smol-babai/commit/" in res["url"]
     for f in ("config.json", "model.safetensors", "quant_log.csv", "tokenizer.json", "README.md"):
         assert f in res["files"], res["files"]
@@ -157,7 +165,7 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
     plain_card = ModelCard(hub.blob(plain.commits[plain.refs["main"]]["README.md"].sha256).decode())
     assert "hf_babai" in plain_card.data.tags  # transformers' generic card, tagged by the quantizer
     # the token is nowhere: not in any stored file, not in the logs
-    assert TOKEN not in proc.stdout + proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr + good.stdout + good.stderr
     for blob in (tmp_path / "hub" / "blobs").iterdir():
         assert TOKEN.encode() not in blob.read_bytes()
 
