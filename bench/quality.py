@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--calib-file", help=argparse.SUPPRESS)
     p.add_argument("--eval-file", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--order", default="min-pivot", help=argparse.SUPPRESS)
+    p.add_argument("--order", default="act-order", help=argparse.SUPPRESS)
     p.add_argument("--group-size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -153,7 +153,7 @@ def main() -> None:
                         "--method",
                         method,
                         "--order",
-                        order or "min-pivot",
+                        order or "act-order",
                         "--bits",
                         str(bits),
                         "--group-size",

@@ -4,7 +4,7 @@ Exit codes: 0 success, 1 bad input or a failed run (the message says what and ho
 
 ``demo`` installs the small offline model and texts if needed, measures the full-precision perplexity on
 held-out text, quantizes a fresh copy of the model at each requested bit width with the default method
-(Babai nearest-plane, min-pivot order, MSE group scales) and prints perplexity, true bits per weight and the
+(Babai nearest-plane, act-order, MSE group scales) and prints perplexity, true bits per weight and the
 time taken.
 """
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=DEFAULTS["model"], help="offline model name (see hf_babai.assets.MODELS)")
     demo.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     demo.add_argument("--group-size", type=int, default=128)
-    demo.add_argument("--order", default="min-pivot", choices=["natural", "act-order", "min-pivot"])
+    demo.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
     demo.add_argument("--method", default="babai", choices=["babai", "rtn"])
     demo.add_argument("--calib", type=int, default=DEFAULTS["calib"], help="calibration windows")
     demo.add_argument("--calib-seqlen", type=int, default=DEFAULTS["calib_seqlen"])
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
     q.add_argument("--asym", action="store_true", help="asymmetric grid (stored zero points)")
-    q.add_argument("--order", default="min-pivot", choices=["natural", "act-order", "min-pivot"])
+    q.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
     q.add_argument("--method", default="babai", choices=["babai", "rtn"])
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")

@@ -53,7 +53,8 @@ class BabaiQuantizer:
         bits, group_size, sym, dataset, batch_size: as in ``GPTQQuantizer``; ``dataset`` is a list of texts,
             ``"austen"`` (offline built-in), token ids or pre-tokenized dicts.
         damp_percent: Hessian damping as a fraction of its mean diagonal (hf_babai's ``damp``; default 0.01).
-        desc_act: ``True`` = GPTQ's act-order. Without it hf_babai uses its default ``order="min-pivot"``.
+        desc_act: ``True`` = GPTQ's act-order, which is also hf_babai's default either way: with static groups it
+            costs nothing at inference (no ``g_idx``). GPTQ's ``desc_act=False`` order is ``order="natural"``.
         model_seqlen: calibration window length (``seqlen``); ``nsamples``: number of windows.
         order, method, modules_to_not_convert, ...: any other ``BabaiConfig`` field.
     """
@@ -88,7 +89,7 @@ class BabaiQuantizer:
                 "or 'austen' for the offline built-in calibration text"
             )
         if order is None:
-            order = "act-order" if desc_act else "min-pivot"
+            order = "act-order"
         elif desc_act and order != "act-order":
             raise ValueError(f"desc_act=True conflicts with order={order!r}; pass one of them")
         self.config = BabaiConfig(
