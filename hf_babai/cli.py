@@ -66,8 +66,6 @@ class CliError(Exception):
 
 def _read_texts(source: str) -> list[str] | str:
     """``austen`` (built-in), a ``.txt`` file (one document) or a ``.jsonl`` file (one ``{"text": ...}`` per line)."""
-    from pathlib import Path
-
     if source == "austen":
         return "austen"
     path = Path(source)
@@ -92,14 +90,10 @@ def _peak_rss_gb() -> float:
 
 
 def _dir_bytes(path, pattern: str = "*.safetensors") -> int:
-    from pathlib import Path
-
     return sum(f.stat().st_size for f in Path(path).glob(pattern))
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
