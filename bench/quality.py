@@ -26,6 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
 
 
+ENTROPY_METHODS = ("hptq", "hrtn")
+
+
+def entropy_target(bits: int, group_size: int) -> float:
+    """The bit budget HPTQ/HRTN get at a (bits, group) setting: that of the b-bit format with 16-bit group
+    scales, ``bits + 16/group`` (the paper's 4.125 / 3.125 / 2.125 at group 128); per-channel: ``bits``."""
+    return bits + (16 / group_size if group_size > 0 else 0.0)
+
+
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -59,14 +68,21 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.method == "fp":
         rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
     else:
-        spec = QuantSpec(bits=bits, group_size=args.group_size, method=args.method, order=args.order)
+        if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
+            target = entropy_target(bits, args.group_size)
+            method = "babai" if args.method == "hptq" else "rtn"
+            spec = QuantSpec(method=method, order=args.order, format="hptq", target_bpw=target)
+            rec.update(group_size=None, target_bpw=target, order=args.order if method == "babai" else None)
+        else:
+            method = args.method
+            spec = QuantSpec(bits=bits, group_size=args.group_size, method=method, order=args.order)
         t0 = time.perf_counter()
-        records = quantize_model(model, spec, calib if args.method == "babai" else None, progress=False)
+        records = quantize_model(model, spec, calib if method == "babai" else None, progress=False)
         rec["seconds"] = time.perf_counter() - t0
         rec["bpw"] = model_bits_per_weight(model)
         stats = [r.stats for r in records]
-        rec["loss"] = sum(s["loss"] for s in stats) if args.method == "babai" else None
-        rec["bound"] = sum(s["bound"] for s in stats) if args.method == "babai" else None
+        rec["loss"] = sum(s["loss"] for s in stats) if method == "babai" else None
+        rec["bound"] = sum(s["bound"] for s in stats) if method == "babai" else None
         rec["clipped_frac"] = sum(s["clipped"] for s in stats) / sum(s["weights"] for s in stats)
     rec["ppl"] = perplexity(model, evalw)
     rec["peak_rss_gb"] = _rss_gb()
@@ -87,7 +103,12 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--groups", type=int, nargs="+", default=[64, 128, -1])
-    p.add_argument("--methods", nargs="+", default=["rtn", "babai:act-order", "babai:min-pivot"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["rtn", "babai:act-order", "babai:min-pivot"],
+        help="rtn, babai[:order], and the entropy-coded hptq[:order] / hrtn (budget bits + 16/group)",
+    )
     p.add_argument("--peer", action="store_true", help="also run llm-compressor GPTQ (needs .venv-peer)")
     p.add_argument("--peer-actorder", default="static", help="llm-compressor actorder (none/static/group/weight)")
     p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")

@@ -35,15 +35,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .formats import BabaiLinear
+from .formats import BabaiLinear, HuffmanLinear
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
+from .solver.entropy import EntropyResult, entropy_quantize
 from .solver.grid import count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
 
 log = logging.getLogger(__name__)
 
 METHODS = ("babai", "rtn")
+FORMATS = ("int", "hptq")
 
 
 @dataclass
@@ -60,6 +62,8 @@ class QuantSpec:
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
     one_pass: bool = True
+    format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
+    target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
@@ -69,6 +73,12 @@ class QuantSpec:
             raise ValueError(f"order={self.order!r} is unknown; use one of {ORDERS}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp={self.damp} must be in [0, 1) (fraction of mean diag H)")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} is unknown; use one of {FORMATS}")
+        if self.format == "hptq" and (self.target_bpw is None or self.target_bpw <= 0):
+            raise ValueError("format='hptq' needs target_bpw, the stored bits per weight to meet (e.g. 3.125)")
+        if self.format == "int" and self.target_bpw is not None:
+            raise ValueError("target_bpw applies to format='hptq' only; the int format's size follows bits/group_size")
 
 
 @dataclass
@@ -228,7 +238,7 @@ class _BlockQuantizer:
         self.spec = spec
         self.acc: dict[str, HessianAccumulator] = {}
         self.factors: dict[int, HessianFactor] = {}
-        self.results: dict[str, QuantResult] = {}
+        self.results: dict[str, QuantResult | EntropyResult] = {}
         self.originals: dict[str, torch.Tensor] = {}
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
 
@@ -248,7 +258,7 @@ class _BlockQuantizer:
     def new_batch(self) -> None:
         self._last = None
 
-    def solve(self, name: str) -> QuantResult:
+    def solve(self, name: str) -> QuantResult | EntropyResult:
         lin = self.linears[name]
         w = lin.weight.detach().float()
         spec = self.spec
@@ -260,13 +270,18 @@ class _BlockQuantizer:
         if factor is None:
             factor = factor_hessian(acc.finalize(), spec.order, spec.damp)
             self.factors[id(acc)] = factor
-        res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
+        if spec.format == "hptq":
+            res = entropy_quantize(w, factor, spec.target_bpw, block_size=spec.block_size)
+        else:
+            res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
         self.results[name] = res
         return res
 
 
-def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest on the same grid and scales; no Hessian, so loss and bound are NaN."""
+def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult | EntropyResult:
+    """Round-to-nearest on the same grid and scales (HRTN for hptq); no Hessian, so loss and bound are NaN."""
+    if spec.format == "hptq":
+        return entropy_quantize(w.float(), None, spec.target_bpw)
     start = time.perf_counter()
     scales, zeros = compute_scales(w.float(), spec.grid, spec.scale_method)
     codes = rtn_quantize(w.float(), scales, zeros, spec.grid)
@@ -289,7 +304,17 @@ def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
     return QuantResult(codes, scales, zeros, stats)
 
 
-def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult, spec: QuantSpec) -> None:
+def _dense(res: QuantResult | EntropyResult, spec: QuantSpec) -> torch.Tensor:
+    """The quantized weight as a float32 matrix (what the one-pass schedule runs the rest of the block with)."""
+    if isinstance(res, EntropyResult):
+        return res.codes.float() * res.scale
+    return dequantize(res.codes, res.scales, res.zeros, spec.grid)
+
+
+def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult | EntropyResult, spec: QuantSpec) -> None:
+    if isinstance(res, EntropyResult):
+        _replace(block, name, HuffmanLinear.from_linear(lin, res.codes, res.scale))
+        return
     _replace(
         block,
         name,
@@ -342,7 +367,7 @@ def _one_pass(
             bq.accumulate(name, args[0], mask)
             res = bq.solve(name)
             bq.originals[name] = mod.weight.data
-            mod.weight.data = dequantize(res.codes, res.scales, res.zeros, bq.spec.grid).to(mod.weight.dtype)
+            mod.weight.data = _dense(res, bq.spec).to(mod.weight.dtype)
 
         return hook
 
@@ -508,11 +533,17 @@ def model_bits_per_weight(model: nn.Module) -> float:
     """True storage bits per weight over all quantized Linears (codes + scales + zeros + padding)."""
     from .formats import bits_per_weight
 
-    mods = [m for m in model.modules() if isinstance(m, BabaiLinear)]
-    if not mods:
-        raise ValueError("the model has no BabaiLinear layers")
-    total = sum(
-        bits_per_weight(m.packed_buffers(), m.in_features, m.out_features) * m.in_features * m.out_features
-        for m in mods
-    )
-    return total / sum(m.in_features * m.out_features for m in mods)
+    total = 0.0
+    weights = 0
+    for m in model.modules():
+        if isinstance(m, BabaiLinear):
+            bpw = bits_per_weight(m.packed_buffers(), m.in_features, m.out_features)
+            total += bpw * m.in_features * m.out_features
+        elif isinstance(m, HuffmanLinear):
+            total += m.storage_bits()
+        else:
+            continue
+        weights += m.in_features * m.out_features
+    if not weights:
+        raise ValueError("the model has no quantized (BabaiLinear / HuffmanLinear) layers")
+    return total / weights

@@ -4,6 +4,7 @@ Pure torch on purpose: checkpoints must load (and be inspected) without transfor
 solver installed.
 """
 
+from .entropy_linear import HuffmanLinear
 from .linear import DEFAULT_CHUNK_SIZE, BabaiLinear
 from .packing import (
     SUPPORTED_BITS,
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "SUPPORTED_BITS",
     "BabaiLinear",
+    "HuffmanLinear",
     "Plane",
     "bit_planes",
     "bits_per_weight",
