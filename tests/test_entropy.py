@@ -98,7 +98,7 @@ def test_engine_hptq_and_hrtn_on_a_tiny_decoder(method):
 def test_spec_validates_the_format():
     with pytest.raises(ValueError, match="needs target_bpw"):
         QuantSpec(format="hptq")
-    with pytest.raises(ValueError, match="applies to format=.hptq. only"):
+    with pytest.raises(ValueError, match=r"applies to format=.hptq. only"):
         QuantSpec(target_bpw=3.0)
     with pytest.raises(ValueError, match="unknown"):
         QuantSpec(format="nf4")
