@@ -124,6 +124,8 @@ def _quantize(args: argparse.Namespace) -> int:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         modules_to_not_convert=args.skip or None,
+        format=args.format,
+        target_bpw=args.target_bpw,
     )
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
@@ -176,8 +178,9 @@ def _quantize(args: argparse.Namespace) -> int:
         "loss": loss,
         "bound": bound,
     }
+    what = f"HPTQ at {args.target_bpw} bpw" if args.format == "hptq" else f"{args.bits}-bit g{args.group_size}"
     print(
-        f"quantized {summary['layers']} layers of {src} to {args.bits}-bit g{args.group_size} in {secs:.0f}s: "
+        f"quantized {summary['layers']} layers of {src} to {what} in {secs:.0f}s: "
         f"{summary['bits_per_weight']:.3f} bits/weight, peak RSS {summary['peak_rss_gb']:.2f} GB, "
         f"checkpoint {summary['size_before_mb']:.0f} MB -> {summary['size_after_mb']:.0f} MB; "
         f"saved to {out} (quant_log.csv has the per-layer table)"
@@ -283,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
     q.add_argument("--method", default="babai", choices=["babai", "rtn"])
     q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument(
+        "--format",
+        default="int",
+        choices=["int", "hptq"],
+        help="int: --bits codes with group scales; hptq: entropy-coded, no clipping, sized by --target-bpw",
+    )
+    q.add_argument("--target-bpw", type=float, default=None, help="hptq: stored bits per weight, e.g. 3.125")
     q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")

@@ -94,21 +94,25 @@ def build_card(
     base = _base_model(checkpoint, base_model)
     evals = _eval_results(eval_results)
     name = repo_id.split("/")[-1]
+    hptq = q["storage"] == "hptq"
+    layout = (
+        {"format": "hptq", "target_bpw": q["target_bpw"]}
+        if hptq
+        else {"bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"]}
+    )
     data = ModelCardData(
         base_model=base,
         library_name="transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=["hf_babai", "babai", "quantized", f"{q['bits']}-bit", "gptq-family"],
+        tags=["hf_babai", "babai", "quantized", *(["hptq"] if hptq else [f"{q['bits']}-bit", "gptq-family"])],
         model_name=name if evals else None,
         eval_results=evals or None,
         quantization={
             "quant_method": "babai",
             "method": q["method"],
             "order": q["order"],
-            "bits": q["bits"],
-            "group_size": q["group_size"],
-            "sym": q["sym"],
+            **layout,
             "bits_per_weight": q["bits_per_weight"],
         },
     )

@@ -265,3 +265,68 @@ def test_gptq_export_refuses_zero_point_zero(tiny, tmp_path):
     buffers = pack_weight(codes, torch.ones(32, 2), zeros, 4, 32)
     with pytest.raises(ValueError, match="zero point 0"):
         gptq_tensors(buffers, 4, 32, False, 64, 32)
+
+
+# ---------------------------------------------------------------- HPTQ (entropy-coded) checkpoints
+
+
+@pytest.fixture(scope="module")
+def hptq(tiny, tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, Path]:
+    cfg = BabaiConfig(format="hptq", target_bpw=3.125, dataset=IDS)
+    model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("hptq")
+    model.save_pretrained(out)
+    with torch.no_grad():
+        logits = model(X).logits
+    return model, logits, out
+
+
+def test_hptq_quantize_save_reload_is_identical(hptq):
+    from hf_babai.engine import model_bits_per_weight
+    from hf_babai.formats import HuffmanLinear
+
+    model, logits, out = hptq
+    assert sum(isinstance(m, HuffmanLinear) for m in model.modules()) == 28
+    assert model_bits_per_weight(model) <= 3.125
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["format"] == "hptq" and len(saved["layers"]) == 28
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(again.model.layers[3].mlp.down_proj, HuffmanLinear)
+    with torch.no_grad():
+        assert torch.equal(again(X).logits, logits)
+    dense = again.dequantize()
+    assert not any(isinstance(m, HuffmanLinear) for m in dense.modules())
+    with torch.no_grad():
+        assert torch.allclose(dense(X).logits, logits, atol=1e-5)
+
+
+def test_hptq_checkpoint_problems_are_named(hptq, tmp_path):
+    _, _, out = hptq
+
+    def drop_sizes(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["quantization_config"]["layers"]["model.layers.2.mlp.up_proj"]
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(CheckpointError, match="without buffer sizes"):
+        AutoModelForCausalLM.from_pretrained(_edit(out, tmp_path / "sizes", drop_sizes))
+    cut = _edit_tensors(
+        lambda sd: sd.update({"model.layers.1.mlp.up_proj.stream": sd["model.layers.1.mlp.up_proj.stream"][:-3]})
+    )
+    with pytest.raises(CheckpointError, match=r"up_proj.stream has shape"):
+        AutoModelForCausalLM.from_pretrained(_edit(out, tmp_path / "cut", cut))
+    with pytest.raises(ValueError, match="target_bpw"):
+        BabaiConfig(format="hptq")
+
+
+def test_hptq_card_export_and_info(hptq, tmp_path):
+    from hf_babai.hf.summary import checkpoint_summary
+
+    _, _, out = hptq
+    q = checkpoint_summary(out)
+    assert q["storage"] == "hptq" and q["quantized_layers"] == 28 and q["bits_per_weight"] <= 3.125
+    card = hf_babai.build_card(out, "me/tiny-hptq")
+    assert "3.125-bpw entropy-coded (HPTQ)" in card.text and "hptq" in card.data.tags
+    assert card.data.quantization["format"] == "hptq" and "bits" not in card.data.quantization
+    with pytest.raises(ValueError, match="cannot be exported"):
+        hf_babai.export(out, tmp_path / "gptq")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import METHODS, QuantSpec
+from ..engine import FORMATS, METHODS, QuantSpec
 from ..solver.grid import SUPPORTED_BITS
 from ..solver.ordering import ORDERS
 
@@ -54,6 +54,12 @@ class BabaiConfig(QuantizationConfigMixin):
         nsamples, seqlen: calibration windows cut from text datasets.
         batch_size: calibration samples per forward; ``None`` = all at once (enables the one-pass schedule).
         calibration: descriptor of the calibration data, filled in when quantizing (read back from checkpoints).
+        format: ``"int"`` (``bits``-bit codes with group scales, GPTQ-compatible) or ``"hptq"`` (one scale per
+            matrix, unbounded codes entropy-coded to ``target_bpw`` stored bits per weight; ``bits``,
+            ``group_size``, ``sym`` and ``scale_method`` do not apply). ``method="rtn"`` with ``"hptq"`` is HRTN.
+        target_bpw: ``"hptq"`` only: bits per weight to meet, codebook, offsets and scale included (e.g. 3.125).
+        layers: ``"hptq"`` only, filled in when quantizing: each module's buffer sizes, which depend on the data
+            and must be known to allocate the modules before a checkpoint's tensors are read.
     """
 
     def __init__(
@@ -74,6 +80,9 @@ class BabaiConfig(QuantizationConfigMixin):
         batch_size: int | None = None,
         calibration: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
+        format: str = "int",
+        target_bpw: float | None = None,
+        layers: dict[str, dict[str, int]] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -81,7 +90,7 @@ class BabaiConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"BabaiConfig got unknown fields {sorted(kwargs)}; allowed: bits, group_size, sym, order, method, "
                 "scale_method, damp, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, seqlen, "
-                "batch_size, calibration, format_version"
+                "batch_size, calibration, format_version, format, target_bpw, layers"
             )
         self.quant_method = QUANT_METHOD
         self.bits = bits
@@ -100,6 +109,9 @@ class BabaiConfig(QuantizationConfigMixin):
         self.batch_size = batch_size
         self.calibration = calibration
         self.format_version = format_version
+        self.format = format
+        self.target_bpw = target_bpw
+        self.layers = layers
         self.post_init()
 
     def post_init(self) -> None:
@@ -137,6 +149,14 @@ class BabaiConfig(QuantizationConfigMixin):
             raise bad("batch_size", "use None (all samples in one forward) or a positive int")
         if self.format_version != FORMAT_VERSION:
             raise bad("format_version", f"this hf_babai reads format_version {FORMAT_VERSION}; upgrade hf_babai")
+        if self.format not in FORMATS:
+            raise bad("format", f"use one of {FORMATS}")
+        if self.format == "hptq":
+            t = self.target_bpw
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 1 <= t <= 16:
+                raise bad("target_bpw", "format='hptq' needs the stored bits per weight to meet, e.g. 3.125")
+        elif self.target_bpw is not None or self.layers is not None:
+            raise ValueError("BabaiConfig: target_bpw and layers apply to format='hptq' only; leave them unset")
         if isinstance(self.dataset, str) and self.dataset not in BUILTIN_DATASETS:
             raise bad(
                 "dataset",
@@ -161,6 +181,8 @@ class BabaiConfig(QuantizationConfigMixin):
             damp=float(self.damp),
             block_size=self.block_size,
             skip=self.skip,
+            format=self.format,
+            target_bpw=None if self.target_bpw is None else float(self.target_bpw),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,8 +26,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 
 from ..engine import _replace, quantizable_linears, quantize_model
-from ..formats import BabaiLinear
-from ..formats.packing import packed_buffer_specs
+from ..formats import BabaiLinear, HuffmanLinear
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
 
@@ -48,21 +47,28 @@ class CheckpointError(ValueError):
     """A babai checkpoint that cannot be loaded faithfully (missing, truncated or mis-shaped tensors)."""
 
 
-def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, BabaiLinear]:
-    """Swaps every quantizable ``nn.Linear`` for an empty ``BabaiLinear`` on the Linear's own device (meta during
-    ``from_pretrained``), with the config's format and the Linear's dtype. Returns the new modules by name."""
-    new: dict[str, BabaiLinear] = {}
-    for name, lin in quantizable_linears(model, cfg.skip).items():
-        q = BabaiLinear(
-            lin.in_features,
-            lin.out_features,
-            cfg.bits,
-            cfg.group_size,
-            cfg.sym,
-            bias=lin.bias is not None,
-            dtype=lin.weight.dtype,
-            device=lin.weight.device,
-        )
+QuantModule = BabaiLinear | HuffmanLinear
+
+
+def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, QuantModule]:
+    """Swaps every quantizable ``nn.Linear`` for an empty ``BabaiLinear`` (``HuffmanLinear`` for
+    ``format="hptq"``, sized from ``cfg.layers``) on the Linear's own device (meta during ``from_pretrained``),
+    with the config's format and the Linear's dtype. Returns the new modules by name."""
+    new: dict[str, QuantModule] = {}
+    linears = quantizable_linears(model, cfg.skip)
+    if cfg.format == "hptq":
+        missing = sorted(set(linears) - set(cfg.layers or {}))
+        if missing:
+            raise CheckpointError(
+                f"format='hptq' checkpoint without buffer sizes for {len(missing)} modules (e.g. {missing[0]}) in "
+                "config.json quantization_config.layers; it was not written by hf_babai's quantizer: re-save it"
+            )
+    for name, lin in linears.items():
+        common = {"bias": lin.bias is not None, "dtype": lin.weight.dtype, "device": lin.weight.device}
+        if cfg.format == "hptq":
+            q: QuantModule = HuffmanLinear(lin.in_features, lin.out_features, **cfg.layers[name], **common)
+        else:
+            q = BabaiLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.sym, **common)
         _replace(model, name, q)
         new[name] = q
     if not new:
@@ -92,7 +98,7 @@ def _read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str, str
     return out
 
 
-def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: list[str] | None) -> None:
+def check_checkpoint(model: nn.Module, modules: dict[str, QuantModule], files: list[str] | None) -> None:
     """Refuses a checkpoint whose packed tensors do not match the modules they load into, before any loading.
 
     Checked: every buffer of every ``BabaiLinear`` (and its bias) is present with the exact shape and dtype;
@@ -103,7 +109,7 @@ def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: l
     header = _read_headers([str(f) for f in files])
     problems: list[str] = []
     for name, mod in modules.items():
-        specs = packed_buffer_specs(mod.in_features, mod.out_features, mod.bits, mod.group_size, mod.sym)
+        specs = {k: (tuple(t.shape), t.dtype) for k, t in mod.packed_buffers().items()}
         if mod.bias is not None:
             specs = {**specs, "bias": ((mod.out_features,), None)}
         for buf, (shape, dtype) in specs.items():
@@ -116,9 +122,9 @@ def check_checkpoint(model: nn.Module, modules: dict[str, BabaiLinear], files: l
                 problems.append(f"{key} has shape {list(got_shape)} in {Path(f).name}, expected {list(shape)}")
             elif dtype is not None and got_dtype != _ST_DTYPES.get(dtype):
                 problems.append(f"{key} has dtype {got_dtype} in {Path(f).name}, expected {_ST_DTYPES.get(dtype)}")
-    packed_keys = {k.rsplit(".", 1)[0] for k in header if k.endswith(".qweight")}
-    for orphan in sorted(packed_keys - set(modules)):
-        problems.append(f"{orphan}.qweight has no quantized module to load into (was it saved with other settings?)")
+    packed_keys = {k for k in header if k.endswith((".qweight", ".stream"))}
+    for orphan in sorted(k for k in packed_keys if k.rsplit(".", 1)[0] not in modules):
+        problems.append(f"{orphan} has no quantized module to load into (was it saved with other settings?)")
     problems += _missing_dense(model, header, set(modules))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
@@ -185,18 +191,19 @@ class BabaiHfQuantizer(HfQuantizer):
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
         self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
+        if cfg.format == "hptq":  # their sizes depend on the data: the loader needs them to allocate the modules
+            cfg.layers = {n: m.buffer_sizes() for n, m in model.named_modules() if isinstance(m, HuffmanLinear)}
         log.info("hf_babai: quantized %d layers in %.1f s", len(self.records), time.perf_counter() - start)
         model.config.quantization_config = cfg
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """Every ``BabaiLinear`` becomes an ``nn.Linear`` holding its dequantized weight (same outputs)."""
+        """Every ``BabaiLinear``/``HuffmanLinear`` becomes an ``nn.Linear`` holding its dequantized weight."""
         for name, mod in list(model.named_modules()):
-            if isinstance(mod, BabaiLinear):
+            if isinstance(mod, (BabaiLinear, HuffmanLinear)):
                 dt = dtype or mod.compute_dtype
-                lin = nn.Linear(
-                    mod.in_features, mod.out_features, bias=mod.bias is not None, device=mod.qweight.device, dtype=dt
-                )
+                dev = next(iter(mod.packed_buffers().values())).device
+                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=dev, dtype=dt)
                 with torch.no_grad():
                     lin.weight.copy_(mod.dequantize(dt))
                     if mod.bias is not None:

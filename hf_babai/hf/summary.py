@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..engine import model_bits_per_weight
-from ..formats import BabaiLinear
+from ..formats import BabaiLinear, HuffmanLinear
 from .config import QUANT_METHOD, BabaiConfig
 from .quantizer import check_checkpoint, replace_with_babai_linear
 
@@ -71,13 +71,28 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     modules = replace_with_babai_linear(skeleton, qcfg)
     files = sorted(str(f) for f in path.glob("*.safetensors"))
     check_checkpoint(skeleton, modules, files)
-    quantized = sum(m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, BabaiLinear))
+    quantized = sum(
+        m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, (BabaiLinear, HuffmanLinear))
+    )
+    if qcfg.format == "hptq":
+        fmt = f"babai v{qcfg.format_version}: hptq, entropy-coded codes, one scale per matrix, {qcfg.target_bpw} bpw"
+        headline = f"{qcfg.target_bpw}-bpw entropy-coded (HPTQ)"
+        layout = "entropy-coded integers, one float16 scale per matrix (no clipping)"
+    else:
+        fmt = f"babai v{qcfg.format_version}: {qcfg.bits}-bit, group {qcfg.group_size}, " + (
+            "symmetric" if qcfg.sym else "asymmetric"
+        )
+        headline = f"{qcfg.bits}-bit"
+        layout = f"{qcfg.bits} / {qcfg.group_size} (" + ("symmetric" if qcfg.sym else "asymmetric") + ")"
     dense = sum(p.numel() for n, p in skeleton.named_parameters(remove_duplicate=True))
     return {
         "checkpoint": str(path),
         "architecture": (config.architectures or ["?"])[0],
-        "format": f"babai v{qcfg.format_version}: {qcfg.bits}-bit, group {qcfg.group_size}, "
-        + ("symmetric" if qcfg.sym else "asymmetric"),
+        "format": fmt,
+        "storage": qcfg.format,
+        "target_bpw": qcfg.target_bpw,
+        "headline": headline,
+        "layout": layout,
         "method": qcfg.method,
         "order": qcfg.order,
         "bits": qcfg.bits,
