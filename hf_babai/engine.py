@@ -35,17 +35,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .formats import BabaiLinear, HuffmanLinear
+from .formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
 from .solver.grid import count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
+from .solver.ssqr import ssqr_quantize
 
 log = logging.getLogger(__name__)
 
 METHODS = ("babai", "rtn")
-FORMATS = ("int", "hptq")
+FORMATS = ("int", "hptq", "ssqr")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class QuantSpec:
     one_pass: bool = True
     format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
+    outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
@@ -77,8 +79,17 @@ class QuantSpec:
             raise ValueError(f"format={self.format!r} is unknown; use one of {FORMATS}")
         if self.format == "hptq" and (self.target_bpw is None or self.target_bpw <= 0):
             raise ValueError("format='hptq' needs target_bpw, the stored bits per weight to meet (e.g. 3.125)")
-        if self.format == "int" and self.target_bpw is not None:
+        if self.format != "hptq" and self.target_bpw is not None:
             raise ValueError("target_bpw applies to format='hptq' only; the int format's size follows bits/group_size")
+        if self.format == "ssqr":
+            if self.outlier_rate is None or not 0 <= self.outlier_rate < 1:
+                raise ValueError(
+                    "format='ssqr' needs outlier_rate in [0, 1), the fraction of sparse outliers (e.g. 0.01)"
+                )
+            if self.method != "babai":
+                raise ValueError("format='ssqr' tunes scales on the Babai solve; use method='babai'")
+        elif self.outlier_rate is not None:
+            raise ValueError("outlier_rate applies to format='ssqr' only")
 
 
 @dataclass
@@ -272,6 +283,10 @@ class _BlockQuantizer:
             self.factors[id(acc)] = factor
         if spec.format == "hptq":
             res = entropy_quantize(w, factor, spec.target_bpw, block_size=spec.block_size)
+        elif spec.format == "ssqr":
+            res, _ = ssqr_quantize(
+                w, factor, spec.grid, spec.outlier_rate, scale_method=spec.scale_method, block_size=spec.block_size
+            )
         else:
             res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
         self.results[name] = res
@@ -308,12 +323,17 @@ def _dense(res: QuantResult | EntropyResult, spec: QuantSpec) -> torch.Tensor:
     """The quantized weight as a float32 matrix (what the one-pass schedule runs the rest of the block with)."""
     if isinstance(res, EntropyResult):
         return res.codes.float() * res.scale
-    return dequantize(res.codes, res.scales, res.zeros, spec.grid)
+    w = dequantize(res.codes, res.scales, res.zeros, spec.grid)
+    return w if res.outliers is None else w + res.outliers.to_dense().to(w.device)
 
 
 def _swap_in(block: nn.Module, name: str, lin: nn.Linear, res: QuantResult | EntropyResult, spec: QuantSpec) -> None:
     if isinstance(res, EntropyResult):
         _replace(block, name, HuffmanLinear.from_linear(lin, res.codes, res.scale))
+        return
+    if res.outliers is not None:
+        args = (lin, res.codes, res.scales, res.zeros, spec.bits, spec.group_size, spec.sym)
+        _replace(block, name, SSQRLinear.from_linear(*args, outliers=res.outliers))
         return
     _replace(
         block,

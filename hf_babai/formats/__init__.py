@@ -20,6 +20,7 @@ from .packing import (
     unpack_codes,
     unpack_weight,
 )
+from .ssqr_linear import SSQRLinear
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -27,6 +28,7 @@ __all__ = [
     "BabaiLinear",
     "HuffmanLinear",
     "Plane",
+    "SSQRLinear",
     "bit_planes",
     "bits_per_weight",
     "dequantize_packed",

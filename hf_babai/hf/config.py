@@ -57,9 +57,12 @@ class BabaiConfig(QuantizationConfigMixin):
         format: ``"int"`` (``bits``-bit codes with group scales, GPTQ-compatible) or ``"hptq"`` (one scale per
             matrix, unbounded codes entropy-coded to ``target_bpw`` stored bits per weight; ``bits``,
             ``group_size``, ``sym`` and ``scale_method`` do not apply). ``method="rtn"`` with ``"hptq"`` is HRTN.
+            ``"ssqr"``: ``bits``-bit group-scaled inliers plus sparse exact outliers (no clipping), scales
+            tuned per layer so at most ``outlier_rate`` of the weights are outliers.
         target_bpw: ``"hptq"`` only: bits per weight to meet, codebook, offsets and scale included (e.g. 3.125).
-        layers: ``"hptq"`` only, filled in when quantizing: each module's buffer sizes, which depend on the data
-            and must be known to allocate the modules before a checkpoint's tensors are read.
+        outlier_rate: ``"ssqr"`` only: fraction of weights stored as sparse outliers (e.g. 0.01).
+        layers: ``"hptq"``/``"ssqr"`` only, filled in when quantizing: each module's buffer sizes, which depend
+            on the data and must be known to allocate the modules before a checkpoint's tensors are read.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class BabaiConfig(QuantizationConfigMixin):
         format: str = "int",
         target_bpw: float | None = None,
         layers: dict[str, dict[str, int]] | None = None,
+        outlier_rate: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -90,7 +94,7 @@ class BabaiConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"BabaiConfig got unknown fields {sorted(kwargs)}; allowed: bits, group_size, sym, order, method, "
                 "scale_method, damp, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, seqlen, "
-                "batch_size, calibration, format_version, format, target_bpw, layers"
+                "batch_size, calibration, format_version, format, target_bpw, layers, outlier_rate"
             )
         self.quant_method = QUANT_METHOD
         self.bits = bits
@@ -112,6 +116,7 @@ class BabaiConfig(QuantizationConfigMixin):
         self.format = format
         self.target_bpw = target_bpw
         self.layers = layers
+        self.outlier_rate = outlier_rate
         self.post_init()
 
     def post_init(self) -> None:
@@ -155,8 +160,18 @@ class BabaiConfig(QuantizationConfigMixin):
             t = self.target_bpw
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 1 <= t <= 16:
                 raise bad("target_bpw", "format='hptq' needs the stored bits per weight to meet, e.g. 3.125")
-        elif self.target_bpw is not None or self.layers is not None:
-            raise ValueError("BabaiConfig: target_bpw and layers apply to format='hptq' only; leave them unset")
+        elif self.target_bpw is not None:
+            raise ValueError("BabaiConfig: target_bpw applies to format='hptq' only; leave it unset")
+        if self.format == "ssqr":
+            r = self.outlier_rate
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise bad("outlier_rate", "format='ssqr' needs the fraction of sparse outliers in [0, 1), e.g. 0.01")
+            if self.method != "babai":
+                raise bad("method", "format='ssqr' tunes its scales on the Babai solve: use method='babai'")
+        elif self.outlier_rate is not None:
+            raise ValueError("BabaiConfig: outlier_rate applies to format='ssqr' only; leave it unset")
+        if self.format == "int" and self.layers is not None:
+            raise ValueError("BabaiConfig: layers (per-module buffer sizes) apply to format='hptq'/'ssqr' only")
         if isinstance(self.dataset, str) and self.dataset not in BUILTIN_DATASETS:
             raise bad(
                 "dataset",
@@ -183,6 +198,7 @@ class BabaiConfig(QuantizationConfigMixin):
             skip=self.skip,
             format=self.format,
             target_bpw=None if self.target_bpw is None else float(self.target_bpw),
+            outlier_rate=None if self.outlier_rate is None else float(self.outlier_rate),
         )
 
     def to_dict(self) -> dict[str, Any]:

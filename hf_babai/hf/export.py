@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..formats import BabaiLinear, HuffmanLinear
+from ..formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from ..formats.gptq import gptq_tensors
 
 TOKENIZER_FILES = (
@@ -51,10 +51,11 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
     else:
         model = model_or_dir
     mods = {n: m for n, m in model.named_modules() if isinstance(m, BabaiLinear)}
-    if any(isinstance(m, HuffmanLinear) for m in model.modules()):
+    if any(isinstance(m, (HuffmanLinear, SSQRLinear)) for m in model.modules()):
         raise ValueError(
-            "format='hptq' models are entropy-coded with unbounded codes; GPTQ checkpoints hold fixed-width codes "
-            "on a clipped grid, so they cannot be exported losslessly. Export a format='int' model instead"
+            "format='hptq'/'ssqr' models keep unclipped values (entropy-coded codes or sparse outliers); GPTQ "
+            "checkpoints hold fixed-width codes on a clipped grid, so they cannot be exported losslessly. "
+            "Export a format='int' model instead"
         )
     if not mods:
         raise ValueError("the model has no BabaiLinear layers; quantize it with hf_babai first")

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 
 from ..engine import _replace, quantizable_linears, quantize_model
-from ..formats import BabaiLinear, HuffmanLinear
+from ..formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
 
@@ -37,6 +37,7 @@ _ST_DTYPES = {
     torch.int64: "I64",
     torch.uint8: "U8",
     torch.int8: "I8",
+    torch.int16: "I16",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.float32: "F32",
@@ -47,7 +48,7 @@ class CheckpointError(ValueError):
     """A babai checkpoint that cannot be loaded faithfully (missing, truncated or mis-shaped tensors)."""
 
 
-QuantModule = BabaiLinear | HuffmanLinear
+QuantModule = BabaiLinear | HuffmanLinear | SSQRLinear
 
 
 def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, QuantModule]:
@@ -56,17 +57,21 @@ def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, Q
     with the config's format and the Linear's dtype. Returns the new modules by name."""
     new: dict[str, QuantModule] = {}
     linears = quantizable_linears(model, cfg.skip)
-    if cfg.format == "hptq":
+    if cfg.format != "int":
         missing = sorted(set(linears) - set(cfg.layers or {}))
         if missing:
             raise CheckpointError(
-                f"format='hptq' checkpoint without buffer sizes for {len(missing)} modules (e.g. {missing[0]}) in "
-                "config.json quantization_config.layers; it was not written by hf_babai's quantizer: re-save it"
+                f"format={cfg.format!r} checkpoint without buffer sizes for {len(missing)} modules (e.g. "
+                f"{missing[0]}) in config.json quantization_config.layers; it was not written by hf_babai's "
+                "quantizer: re-save it"
             )
     for name, lin in linears.items():
         common = {"bias": lin.bias is not None, "dtype": lin.weight.dtype, "device": lin.weight.device}
         if cfg.format == "hptq":
             q: QuantModule = HuffmanLinear(lin.in_features, lin.out_features, **cfg.layers[name], **common)
+        elif cfg.format == "ssqr":
+            shape = (lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.sym)
+            q = SSQRLinear(*shape, **cfg.layers[name], **common)
         else:
             q = BabaiLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.sym, **common)
         _replace(model, name, q)
@@ -191,8 +196,9 @@ class BabaiHfQuantizer(HfQuantizer):
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
         self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
-        if cfg.format == "hptq":  # their sizes depend on the data: the loader needs them to allocate the modules
-            cfg.layers = {n: m.buffer_sizes() for n, m in model.named_modules() if isinstance(m, HuffmanLinear)}
+        if cfg.format != "int":  # their sizes depend on the data: the loader needs them to allocate the modules
+            sized = (HuffmanLinear, SSQRLinear)
+            cfg.layers = {n: m.buffer_sizes() for n, m in model.named_modules() if isinstance(m, sized)}
         log.info("hf_babai: quantized %d layers in %.1f s", len(self.records), time.perf_counter() - start)
         model.config.quantization_config = cfg
         return model

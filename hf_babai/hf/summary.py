@@ -84,6 +84,10 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         )
         headline = f"{qcfg.bits}-bit"
         layout = f"{qcfg.bits} / {qcfg.group_size} (" + ("symmetric" if qcfg.sym else "asymmetric") + ")"
+        if qcfg.format == "ssqr":
+            fmt += f", sparse exact outliers (at most {qcfg.outlier_rate:.2%} per layer, SSQR)"
+            headline += f" + {qcfg.outlier_rate:.2%} outliers (SSQR)"
+            layout += f" + float16 CSR outliers, ≤ {qcfg.outlier_rate:.2%} of weights per layer"
     dense = sum(p.numel() for n, p in skeleton.named_parameters(remove_duplicate=True))
     return {
         "checkpoint": str(path),
@@ -91,6 +95,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "format": fmt,
         "storage": qcfg.format,
         "target_bpw": qcfg.target_bpw,
+        "outlier_rate": qcfg.outlier_rate,
         "headline": headline,
         "layout": layout,
         "method": qcfg.method,

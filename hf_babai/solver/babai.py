@@ -77,6 +77,7 @@ class LayerStats:
     dead: int
     order: str
     seconds: float
+    outliers: int = 0  # SSQR: codes that overflowed the grid and were kept exactly as sparse outliers
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -84,12 +85,15 @@ class LayerStats:
 
 @dataclass
 class QuantResult:
-    """Codes ``[N, K]`` (original column order), scales ``[N, G]``, zeros ``[N, G]`` or None, stats."""
+    """Codes ``[N, K]`` (original column order), scales ``[N, G]``, zeros ``[N, G]`` or None, stats; with
+    ``outliers=True`` also the sparse outliers, a coalesced float32 COO ``[N, K]`` (their code slots hold the
+    zero code)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     stats: LayerStats
+    outliers: torch.Tensor | None = None
 
 
 def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01) -> HessianFactor:
@@ -128,6 +132,7 @@ def babai_quantize(
     scales: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     scale_method: str = "mse",
     clip: bool = True,
+    outliers: bool = False,
     block_size: int = 128,
     dtype: torch.dtype = torch.float32,
 ) -> QuantResult:
@@ -140,6 +145,10 @@ def babai_quantize(
         scales: precomputed ``(scales, zeros)``; default: :func:`compute_scales` with ``scale_method``.
         clip: clamp codes to ``[0, 2^bits−1]`` (standard formats). ``False`` keeps every integer
             (no-clipping formats) and returns int32 codes.
+        outliers: SSQR's no-clipping with a fixed width: a code that overflows the grid is not clipped; the
+            weight keeps the exact Babai target ``w'_j`` (rounded to float16, as stored) as a sparse outlier, so
+            its error is ~0 and nothing propagates from it, and its grid slot holds the zero code. Needs
+            ``clip=True`` (the inlier codes stay in range).
         block_size: lazy-batch width; changes speed, not the result beyond float rounding.
         dtype: precision of the pass (float32 for speed; float64 to compare with references).
     """
@@ -158,6 +167,9 @@ def babai_quantize(
     rdiag = torch.diagonal(r)
     m = (r / rdiag[:, None]).to(dtype)
     maxq = grid.maxq if clip else None
+    if outliers and not clip:
+        raise ValueError("outliers=True keeps fixed-width inlier codes: it needs clip=True")
+    over_t = torch.zeros_like(wt, dtype=torch.bool) if outliers else None
 
     err = torch.zeros_like(wt)  # err[j] = w_j − q_j (original w), [c, N]
     codes_t = torch.zeros_like(wt)
@@ -173,10 +185,16 @@ def babai_quantize(
             if j + 1 < hi:  # in-block corrections, left-looking: one vector-matrix product
                 target = target + m[j, j + 1 : hi] @ err[j + 1 : hi]
             u = torch.round(target / st[j]).add_(zt[j])
-            if maxq is not None:
-                clipped += int(((u < 0) | (u > maxq)).sum())
-                u.clamp_(0, maxq)
-            q = (u - zt[j]).mul_(st[j])
+            if over_t is not None:
+                over = (u < 0) | (u > maxq)
+                u = torch.where(over, zt[j], u)
+                q = torch.where(over, target.half().to(dtype), (u - zt[j]).mul_(st[j]))
+                over_t[j] = over
+            else:
+                if maxq is not None:
+                    clipped += int(((u < 0) | (u > maxq)).sum())
+                    u.clamp_(0, maxq)
+                q = (u - zt[j]).mul_(st[j])
             codes_t[j] = u
             resid[j] = target - q
             err[j] = wt[j] - q
@@ -184,6 +202,17 @@ def babai_quantize(
     codes = torch.empty_like(codes_t)
     codes[t] = codes_t
     codes = codes.T.contiguous().to(torch.uint8 if clip else torch.int32)
+    sparse = None
+    n_out = 0
+    if over_t is not None:
+        mask = torch.empty_like(over_t)
+        mask[t] = over_t
+        mask = mask.T.contiguous()
+        w_hat_t = wt - err  # the values chosen for every weight, in t order
+        vals = torch.empty_like(w_hat_t)
+        vals[t] = w_hat_t
+        sparse = torch.where(mask, vals.T.float(), 0.0).to_sparse().coalesce()
+        n_out = int(mask.sum())
 
     d = rdiag.to(dtype) ** 2
     loss_damped = float((d.double() @ resid.double() ** 2).sum())
@@ -202,8 +231,9 @@ def babai_quantize(
         dead=factor.dead,
         order=factor.order,
         seconds=time.perf_counter() - start,
+        outliers=n_out,
     )
-    return QuantResult(codes, scale_g, zeros, stats)
+    return QuantResult(codes, scale_g, zeros, stats, sparse)
 
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
