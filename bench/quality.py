@@ -73,11 +73,19 @@ def run_one(args: argparse.Namespace) -> dict:
             method = "babai" if args.method == "hptq" else "rtn"
             spec = QuantSpec(method=method, order=args.order, format="hptq", target_bpw=target)
             rec.update(group_size=None, target_bpw=target, order=args.order if method == "babai" else None)
+        elif args.method == "ssqr":  # fixed-width inliers + sparse exact outliers at a given rate
+            method = "babai"
+            spec = QuantSpec(
+                bits=bits, group_size=args.group_size, order=args.order, format="ssqr", outlier_rate=args.outlier_rate
+            )
+            rec["outlier_rate"] = args.outlier_rate
         else:
             method = args.method
             spec = QuantSpec(bits=bits, group_size=args.group_size, method=method, order=args.order)
         t0 = time.perf_counter()
-        records = quantize_model(model, spec, calib if method == "babai" else None, progress=False)
+        ids = calib if method == "babai" else None
+        records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
+        rec["calib_batch"] = args.calib_batch
         rec["seconds"] = time.perf_counter() - t0
         rec["bpw"] = model_bits_per_weight(model)
         stats = [r.stats for r in records]
@@ -110,14 +118,24 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["rtn", "babai:act-order", "babai:min-pivot"],
-        help="rtn, babai[:order], and the entropy-coded hptq[:order] / hrtn (budget bits + 16/group)",
+        help="rtn, babai[:order], ssqr[:order] (sparse outliers, --outlier-rates), and the entropy-coded "
+        "hptq[:order] / hrtn (budget bits + 16/group)",
     )
     p.add_argument("--peer", action="store_true", help="also run llm-compressor GPTQ (needs .venv-peer)")
     p.add_argument("--peer-actorder", default="static", help="llm-compressor actorder (none/static/group/weight)")
     p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")
+    p.add_argument("--outlier-rates", type=float, nargs="+", default=[0.01], help="ssqr: outlier budgets to run")
+    p.add_argument("--outlier-rate", type=float, help=argparse.SUPPRESS)
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the random calibration windows")
+    p.add_argument(
+        "--calib-batch",
+        type=int,
+        default=None,
+        help="calibration windows per forward for hf_babai (default: all at once, the one-pass schedule; "
+        "fewer means the two-pass schedule)",
+    )
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
@@ -160,6 +178,7 @@ def main() -> None:
         str(calib_file),
         "--eval-file",
         str(eval_file),
+        *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
@@ -171,19 +190,12 @@ def main() -> None:
         for group in args.groups:
             for m in args.methods:
                 method, _, order = m.partition(":")
-                jobs.append(
-                    [
-                        *base,
-                        "--method",
-                        method,
-                        "--order",
-                        order or "act-order",
-                        "--bits",
-                        str(bits),
-                        "--group-size",
-                        str(group),
-                    ]
-                )
+                job = [*base, "--method", method, "--order", order or "act-order"]
+                job += ["--bits", str(bits), "--group-size", str(group)]
+                if method == "ssqr":
+                    jobs += [[*job, "--outlier-rate", str(r)] for r in args.outlier_rates]
+                else:
+                    jobs.append(job)
             if args.peer:
                 jobs.append(
                     [
