@@ -81,7 +81,12 @@ def run_one(args: argparse.Namespace) -> dict:
             rec["outlier_rate"] = args.outlier_rate
         else:
             method = args.method
-            spec = QuantSpec(bits=bits, group_size=args.group_size, method=method, order=args.order)
+            sweeps = args.refine_sweeps if method == "babai" else 0
+            spec = QuantSpec(
+                bits=bits, group_size=args.group_size, method=method, order=args.order, refine_sweeps=sweeps
+            )
+            if sweeps:
+                rec["refine_sweeps"] = sweeps
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
@@ -126,6 +131,9 @@ def main() -> None:
     p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")
     p.add_argument("--outlier-rates", type=float, nargs="+", default=[0.01], help="ssqr: outlier budgets to run")
     p.add_argument("--outlier-rate", type=float, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--refine-sweeps", type=int, default=0, help="babai int format: coordinate-descent sweeps after the solve"
+    )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the random calibration windows")
@@ -179,6 +187,7 @@ def main() -> None:
         "--eval-file",
         str(eval_file),
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
+        *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

@@ -41,6 +41,7 @@ from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
 from .solver.grid import count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
+from .solver.refine import refine_result
 from .solver.ssqr import ssqr_quantize
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class QuantSpec:
     format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
+    refine_sweeps: int = 0  # int format: coordinate-descent sweeps after Babai (solver/refine.py); 0 = Babai only
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
@@ -90,6 +92,8 @@ class QuantSpec:
                 raise ValueError("format='ssqr' tunes scales on the Babai solve; use method='babai'")
         elif self.outlier_rate is not None:
             raise ValueError("outlier_rate applies to format='ssqr' only")
+        if self.refine_sweeps < 0 or (self.refine_sweeps and (self.format != "int" or self.method != "babai")):
+            raise ValueError("refine_sweeps must be ≥ 0 and applies to format='int' with method='babai' only")
 
 
 @dataclass
@@ -289,6 +293,8 @@ class _BlockQuantizer:
             )
         else:
             res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
+            if spec.refine_sweeps:
+                res = refine_result(w, acc.finalize(), factor.damping, res, spec.grid, spec.refine_sweeps)
         self.results[name] = res
         return res
 

@@ -78,6 +78,7 @@ class LayerStats:
     order: str
     seconds: float
     outliers: int = 0  # SSQR: codes that overflowed the grid and were kept exactly as sparse outliers
+    loss_babai: float = float("nan")  # loss of Babai's point when a refinement step followed (refine.py)
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
