@@ -126,6 +126,7 @@ def _quantize(args: argparse.Namespace) -> int:
         modules_to_not_convert=args.skip or None,
         format=args.format,
         target_bpw=args.target_bpw,
+        outlier_rate=args.outlier_rate,
     )
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
@@ -179,6 +180,8 @@ def _quantize(args: argparse.Namespace) -> int:
         "bound": bound,
     }
     what = f"HPTQ at {args.target_bpw} bpw" if args.format == "hptq" else f"{args.bits}-bit g{args.group_size}"
+    if args.format == "ssqr":
+        what += f" + {args.outlier_rate:.2%} outliers (SSQR)"
     print(
         f"quantized {summary['layers']} layers of {src} to {what} in {secs:.0f}s: "
         f"{summary['bits_per_weight']:.3f} bits/weight, peak RSS {summary['peak_rss_gb']:.2f} GB, "
@@ -289,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument(
         "--format",
         default="int",
-        choices=["int", "hptq"],
-        help="int: --bits codes with group scales; hptq: entropy-coded, no clipping, sized by --target-bpw",
+        choices=["int", "hptq", "ssqr"],
+        help="int: --bits codes with group scales; hptq: entropy-coded, no clipping, sized by --target-bpw; "
+        "ssqr: int codes plus exact sparse outliers instead of clipping (--outlier-rate)",
     )
     q.add_argument("--target-bpw", type=float, default=None, help="hptq: stored bits per weight, e.g. 3.125")
+    q.add_argument("--outlier-rate", type=float, default=None, help="ssqr: fraction of sparse outliers, e.g. 0.01")
     q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")

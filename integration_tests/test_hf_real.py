@@ -188,6 +188,8 @@ def test_cli_quantize_and_info(real, tmp_path):
         (["info", str(real["src"])], "not a babai checkpoint"),
         (["quantize", str(out), "--out", str(tmp_path / "x")], "already quantized"),
         (["quantize", str(real["src"]), "--out", str(tmp_path / "y"), "--dataset", "nope.txt"], "nope.txt"),
+        (["quantize", str(real["src"]), "--out", str(tmp_path / "z"), "--format", "hptq"], "target_bpw"),
+        (["quantize", str(real["src"]), "--out", str(tmp_path / "w"), "--format", "ssqr"], "outlier_rate"),
     ]:
         bad = subprocess.run([sys.executable, "-m", "hf_babai", *args], capture_output=True, text=True)
         assert bad.returncode == 1 and needle in bad.stderr, bad.stderr[-2000:]
