@@ -156,6 +156,8 @@ def entropy_quantize(
         lo = s
         hi = _fp16(s * ratio)
         while solve(hi) > budget:
+            if hi > 64 * s_rtn:  # Babai's codes spread a little wider than RTN's, never by this much
+                raise RuntimeError(f"no scale up to {hi:g} meets {target_bpw} bits per weight with the Babai solve")
             lo, hi = hi, _fp16(hi * ratio)
     best, _ = _bisect(solve, lo, hi, budget, rel_tol, max_steps)
     bits, res = cache[best]
