@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formats import BabaiLinear, HuffmanLinear, SSQRLinear
+from .formats.huffman import coded_bits
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
@@ -286,7 +287,7 @@ class _BlockQuantizer:
             factor = factor_hessian(acc.finalize(), spec.order, spec.damp)
             self.factors[id(acc)] = factor
         if spec.format == "hptq":
-            res = entropy_quantize(w, factor, spec.target_bpw, block_size=spec.block_size)
+            res = entropy_quantize(w, factor, spec.target_bpw, code_bits=coded_bits, block_size=spec.block_size)
         elif spec.format == "ssqr":
             res, _ = ssqr_quantize(
                 w, factor, spec.grid, spec.outlier_rate, scale_method=spec.scale_method, block_size=spec.block_size
@@ -302,7 +303,7 @@ class _BlockQuantizer:
 def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult | EntropyResult:
     """Round-to-nearest on the same grid and scales (HRTN for hptq); no Hessian, so loss and bound are NaN."""
     if spec.format == "hptq":
-        return entropy_quantize(w.float(), None, spec.target_bpw)
+        return entropy_quantize(w.float(), None, spec.target_bpw, code_bits=coded_bits)
     start = time.perf_counter()
     scales, zeros = compute_scales(w.float(), spec.grid, spec.scale_method)
     codes = rtn_quantize(w.float(), scales, zeros, spec.grid)

@@ -9,6 +9,7 @@ from torch import nn
 
 from hf_babai.engine import QuantSpec, model_bits_per_weight, quantize_model
 from hf_babai.formats import HuffmanLinear
+from hf_babai.formats.huffman import coded_bits
 from hf_babai.solver import factor_hessian, proxy_loss
 from hf_babai.solver.entropy import entropy_quantize, rtn_scale, stored_bits
 
@@ -29,12 +30,12 @@ def problem(seed: int, n: int = 96, k: int = 160, outliers: float = 0.01):
 def test_hptq_meets_the_budget_keeps_the_bound_and_beats_hrtn(seed, target):
     w, h = problem(seed)
     factor = factor_hessian(h, "act-order", 0.01)
-    hp = entropy_quantize(w, factor, target)
-    hr = entropy_quantize(w, None, target, h=h)
+    hp = entropy_quantize(w, factor, target, code_bits=coded_bits)
+    hr = entropy_quantize(w, None, target, code_bits=coded_bits, h=h)
     for r in (hp, hr):
         assert r.bpw <= target
         assert r.bpw > target - 0.15  # the search uses the budget instead of stopping early
-        assert r.bits == stored_bits(r.codes)
+        assert r.bits == stored_bits(r.codes, coded_bits)
     # nothing is clipped, so Babai's bound holds (damped objective ≥ undamped loss)
     assert hp.stats.clipped == 0
     assert hp.stats.loss <= hp.stats.loss_damped <= hp.stats.bound
@@ -44,13 +45,13 @@ def test_hptq_meets_the_budget_keeps_the_bound_and_beats_hrtn(seed, target):
 
 def test_scale_search_is_the_smallest_scale_that_fits():
     w, _ = problem(5)
-    s, _ = rtn_scale(w, 3.125)
+    s, _ = rtn_scale(w, 3.125, coded_bits)
     budget = 3.125 * w.numel()
-    assert stored_bits(torch.round(w / s).int()) <= budget
+    assert stored_bits(torch.round(w / s).int(), coded_bits) <= budget
     finer = s * (1 - 2**-9)
-    assert stored_bits(torch.round(w / finer).int()) > budget or s == pytest.approx(finer, rel=2e-3)
+    assert stored_bits(torch.round(w / finer).int(), coded_bits) > budget or s == pytest.approx(finer, rel=2e-3)
     with pytest.raises(ValueError, match="raise the target"):
-        rtn_scale(w, 0.01)
+        rtn_scale(w, 0.01, coded_bits)
 
 
 def test_huffman_linear_forward_and_safetensors_round_trip(tmp_path):
@@ -58,11 +59,11 @@ def test_huffman_linear_forward_and_safetensors_round_trip(tmp_path):
     lin = nn.Linear(80, 48, bias=True)
     with torch.no_grad():
         lin.weight.copy_(w)
-    r = entropy_quantize(w, factor_hessian(h), 3.125)
+    r = entropy_quantize(w, factor_hessian(h), 3.125, code_bits=coded_bits)
     mod = HuffmanLinear.from_linear(lin, r.codes, r.scale, chunk=64)
     assert torch.equal(mod.codes(), r.codes)
     assert HuffmanLinear.from_linear(lin, r.codes, r.scale).storage_bits() == r.bits  # budgeted == stored
-    assert mod.storage_bits() == stored_bits(r.codes, chunk=64)
+    assert mod.storage_bits() == stored_bits(r.codes, lambda c: coded_bits(c, chunk=64))
     x = torch.randn(5, 80)
     ref = nn.functional.linear(x, r.codes.float() * mod.scale.float(), lin.bias)
     assert torch.allclose(mod(x), ref, atol=1e-5)

@@ -238,3 +238,11 @@ def estimate_bits(codes: Tensor, max_len: int = DEFAULT_MAX_LEN, chunk: int = DE
     lengths = code_lengths(counts, max_len)
     payload = int((counts * lengths).sum())
     return 8 * (math.ceil(payload / 8) + 4) + 32 * math.ceil(flat.numel() / chunk) + 40 * counts.size
+
+
+def coded_bits(codes: Tensor, max_len: int = DEFAULT_MAX_LEN, chunk: int = DEFAULT_CHUNK) -> float:
+    """:func:`estimate_bits`, or ``inf`` when the alphabet does not fit ``max_len``-bit codes (for searches)."""
+    try:
+        return float(estimate_bits(codes, max_len, chunk))
+    except ValueError:
+        return math.inf
