@@ -78,7 +78,7 @@ def run_one(args: argparse.Namespace) -> dict:
             spec = QuantSpec(
                 bits=bits, group_size=args.group_size, order=args.order, format="ssqr", outlier_rate=args.outlier_rate
             )
-            rec["outlier_rate"] = args.outlier_rate
+            rec.update(outlier_rate=args.outlier_rate, order=args.order)
         else:
             method = args.method
             sweeps = args.refine_sweeps if method == "babai" else 0
