@@ -105,6 +105,12 @@ def test_optimum_style_api_equals_quantize_on_load(quantized):
         hf_babai.BabaiQuantizer(bits=4, dataset="wikitext2")
     q = hf_babai.BabaiQuantizer(bits=3, dataset="austen", desc_act=True, use_cuda_fp16=True)
     assert q.config.order == "act-order" and hf_babai.BabaiQuantizer.from_dict(q.to_dict()).config.bits == 3
+    # GPTQQuantizer's format="gptq" is our GPTQ-compatible int format; the no-clipping formats pass through
+    assert hf_babai.BabaiQuantizer(dataset="austen", format="gptq").config.format == "int"
+    h = hf_babai.BabaiQuantizer(dataset="austen", format="hptq", target_bpw=3.125)
+    assert hf_babai.BabaiQuantizer.from_dict(h.to_dict()).config.target_bpw == 3.125
+    with pytest.raises(ValueError, match="format='awq'"):
+        hf_babai.BabaiQuantizer(dataset="austen", format="awq")
 
 
 def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):

@@ -42,7 +42,7 @@ _HARMLESS = {
     "act_group_aware",
     "use_exllama",
 }
-_REQUIRED_VALUES = {"true_sequential": True, "format": "gptq", "checkpoint_format": "gptq"}
+_REQUIRED_VALUES = {"true_sequential": True, "checkpoint_format": "gptq"}
 _HUB_DATASETS = {"wikitext2", "c4", "c4-new"}
 
 
@@ -56,6 +56,8 @@ class BabaiQuantizer:
         desc_act: ``True`` = GPTQ's act-order, which is also hf_babai's default either way: with static groups it
             costs nothing at inference (no ``g_idx``). GPTQ's ``desc_act=False`` order is ``order="natural"``.
         model_seqlen: calibration window length (``seqlen``); ``nsamples``: number of windows.
+        format: ``"gptq"`` (GPTQQuantizer's default) means hf_babai's GPTQ-compatible ``"int"`` format;
+            ``"hptq"`` / ``"ssqr"`` select the no-clipping formats (with ``target_bpw`` / ``outlier_rate``).
         order, method, modules_to_not_convert, ...: any other ``BabaiConfig`` field.
     """
 
@@ -73,6 +75,8 @@ class BabaiQuantizer:
         order: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("format") == "gptq":  # GPTQQuantizer's name for its checkpoint layout = our "int" format
+            kwargs["format"] = "int"
         for key in list(kwargs):
             if key in _HARMLESS:
                 log.info("BabaiQuantizer: %s=%r has no effect in hf_babai; ignored", key, kwargs.pop(key))
