@@ -82,11 +82,22 @@ def run_one(args: argparse.Namespace) -> dict:
         else:
             method = args.method
             sweeps = args.refine_sweeps if method == "babai" else 0
+            rescale = args.rescale and method == "babai"
             spec = QuantSpec(
-                bits=bits, group_size=args.group_size, method=method, order=args.order, refine_sweeps=sweeps
+                bits=bits,
+                group_size=args.group_size,
+                method=method,
+                order=args.order,
+                refine_sweeps=sweeps,
+                rescale=rescale,
+                scale_method=args.scale_method if method == "babai" else "mse",
             )
+            if method == "babai" and args.scale_method != "mse":
+                rec["scale_method"] = args.scale_method
             if sweeps:
                 rec["refine_sweeps"] = sweeps
+            if rescale:
+                rec["rescale"] = True
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
@@ -133,6 +144,15 @@ def main() -> None:
     p.add_argument("--outlier-rate", type=float, help=argparse.SUPPRESS)
     p.add_argument(
         "--refine-sweeps", type=int, default=0, help="babai int format: coordinate-descent sweeps after the solve"
+    )
+    p.add_argument(
+        "--scale-method",
+        default="mse",
+        choices=["mse", "hmse", "minmax"],
+        help="babai: scale search (hmse weighs it by diag H); rtn always uses mse",
+    )
+    p.add_argument(
+        "--rescale", action="store_true", help="babai int format: refit the scales to the codes under H after the solve"
     )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -188,6 +208,9 @@ def main() -> None:
         str(eval_file),
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
+        *(["--rescale"] if args.rescale else []),
+        "--scale-method",
+        args.scale_method,
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

@@ -69,6 +69,7 @@ class QuantSpec:
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
     refine_sweeps: int = 0  # int format: coordinate-descent sweeps after Babai (solver/refine.py); 0 = Babai only
+    rescale: bool = False  # int format: refit the scales to the codes under H after the solve (solver/refine.py)
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
@@ -95,6 +96,10 @@ class QuantSpec:
             raise ValueError("outlier_rate applies to format='ssqr' only")
         if self.refine_sweeps < 0 or (self.refine_sweeps and (self.format != "int" or self.method != "babai")):
             raise ValueError("refine_sweeps must be ≥ 0 and applies to format='int' with method='babai' only")
+        if self.scale_method == "hmse" and self.method != "babai":
+            raise ValueError("scale_method='hmse' weighs the scale search by diag H; method='rtn' has none: use 'mse'")
+        if self.rescale and (self.format != "int" or self.method != "babai"):
+            raise ValueError("rescale applies to format='int' with method='babai' only")
 
 
 @dataclass
@@ -294,8 +299,10 @@ class _BlockQuantizer:
             )
         else:
             res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
-            if spec.refine_sweeps:
-                res = refine_result(w, acc.finalize(), factor.damping, res, spec.grid, spec.refine_sweeps)
+            if spec.refine_sweeps or spec.rescale:
+                res = refine_result(
+                    w, acc.finalize(), factor.damping, res, spec.grid, spec.refine_sweeps, rescale=spec.rescale
+                )
         self.results[name] = res
         return res
 

@@ -67,11 +67,24 @@ def quantized(tiny, tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, Pa
         ("nsamples", 0, "nsamples=0"),
         ("dataset", "wikitext2", "dataset='wikitext2'"),
         ("scale_method", "l1", "scale_method='l1'"),
+        ("rescale", "yes", "rescale='yes'"),
+        ("refine_sweeps", -1, "refine_sweeps=-1"),
     ],
 )
 def test_config_rejects_bad_fields_by_name(field, value, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace(".", r"\.")):
         BabaiConfig(**{field: value})
+
+
+def test_config_refinement_options_need_a_babai_int_solve():
+    with pytest.raises(ValueError, match="'hmse'.*method='rtn'"):
+        BabaiConfig(method="rtn", scale_method="hmse")
+    with pytest.raises(ValueError, match="rescale/refine_sweeps.*format='hptq'"):
+        BabaiConfig(format="hptq", target_bpw=3.125, rescale=True)
+    cfg = BabaiConfig(bits=3, scale_method="hmse", rescale=True, refine_sweeps=1)
+    spec = cfg.spec()
+    assert (spec.scale_method, spec.rescale, spec.refine_sweeps) == ("hmse", True, 1)
+    assert BabaiConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
 def test_config_rejects_unknown_fields():

@@ -10,7 +10,7 @@ import torch
 from hf_babai.engine import QuantSpec, quantize_model
 from hf_babai.solver import Grid, babai_quantize, dequantize, factor_hessian, proxy_loss
 from hf_babai.solver.grid import expand_per_column, zero_point
-from hf_babai.solver.refine import refine_codes, refine_result
+from hf_babai.solver.refine import refine_codes, refine_result, refit_scales
 
 from .test_engine import calib, tiny_llama
 from .test_entropy import problem
@@ -65,3 +65,68 @@ def test_engine_option():
     )
     with pytest.raises(ValueError, match="refine_sweeps"):
         QuantSpec(format="hptq", target_bpw=3.0, refine_sweeps=1)
+
+
+def _row_losses(w, h, codes, scales, zeros, grid):
+    e = w.double() - dequantize(codes, scales, zeros, grid).double()
+    return ((e @ h) * e).sum(1)
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), [(3, -1, True), (3, 64, True), (2, 32, False), (4, 48, True)])
+def test_refit_scales_equals_per_row_least_squares_and_never_hurts_a_row(bits, group, sym):
+    w, h = problem(5, n=48, k=160)  # 160 = 2·64 + 32 and 3·48 + 16: partial last groups
+    grid = Grid(bits, sym, group)
+    res = babai_quantize(w, factor_hessian(h, "act-order", 0.01), grid)
+    new = refit_scales(w, h, res.codes, res.scales, res.zeros, grid)
+    assert new.shape == res.scales.shape and new.dtype == res.scales.dtype
+    assert torch.equal(new, new.half().to(new.dtype))  # float16-exact, as stored
+    before = _row_losses(w, h, res.codes, res.scales, res.zeros, grid)
+    after = _row_losses(w, h, res.codes, new, res.zeros, grid)
+    assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
+    # float64 reference: per row, build A (groups × K) explicitly and solve the normal equations
+    k = w.shape[1]
+    gidx = grid.group_index(k)
+    z = expand_per_column(zero_point(res.zeros, res.scales, grid), grid, k).double()
+    a_all = res.codes.double() - z
+    changed = 0
+    for n in range(w.shape[0]):
+        a = torch.zeros(res.scales.shape[1], k, dtype=torch.float64)
+        a[gidx, torch.arange(k)] = a_all[n]
+        ref = torch.linalg.solve(a @ h @ a.T, a @ h @ w[n].double()).half().double()
+        if bool((new[n].double() != res.scales[n].double()).any()):  # accepted row: the least-squares optimum
+            changed += 1
+            ulp = ref.abs() * 2.0**-10
+            assert bool(((new[n].double() - ref).abs() <= ulp).all()), n
+    assert changed > w.shape[0] // 2
+
+
+def test_refit_recovers_exact_scales_and_keeps_all_zero_groups():
+    w, h = problem(6, n=8, k=128)
+    grid = Grid(3, True, 32)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 8, (8, 128), generator=g, dtype=torch.uint8)
+    codes[:, 32:64] = 4  # group 1 of every row: all codes at the zero point
+    truth = (0.01 + 0.05 * torch.rand(8, 4, generator=g)).half().float()
+    w = dequantize(codes, truth, None, grid)  # w lies exactly on the lattice of `truth`
+    start = (truth * 1.3).half().float()
+    new = refit_scales(w, h, codes, start, None, grid)
+    assert torch.equal(new[:, [0, 2, 3]], truth[:, [0, 2, 3]])
+    assert torch.equal(new[:, 1], start[:, 1])  # nothing to fit: the scale is left alone
+
+
+@pytest.mark.parametrize("group", [-1, 32])
+def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(group):
+    from hf_babai.formats.linear import BabaiLinear
+
+    a, b = tiny_llama(), tiny_llama()
+    ra = quantize_model(a, QuantSpec(bits=3, group_size=group), calib(), progress=False)
+    rb = quantize_model(b, QuantSpec(bits=3, group_size=group, rescale=True, refine_sweeps=1), calib(), progress=False)
+    assert rb[0].stats["loss"] < ra[0].stats["loss"] and rb[0].stats["loss_babai"] == pytest.approx(
+        ra[0].stats["loss"]
+    )
+    name = rb[0].name
+    mod, ref = b.model.layers[0].get_submodule(name), a.model.layers[0].get_submodule(name)
+    assert isinstance(mod, BabaiLinear) and isinstance(ref, BabaiLinear)
+    assert not torch.equal(mod.scales, ref.scales)  # the refitted scales are what the module stores
+    with pytest.raises(ValueError, match="rescale"):
+        QuantSpec(method="rtn", rescale=True)

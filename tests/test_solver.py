@@ -217,3 +217,37 @@ def test_count_clipped_rtn():
     grid = Grid(2, False, 32)
     assert count_clipped(w, *compute_scales(w, grid, "minmax"), grid) == 0  # min/max spans every group
     assert count_clipped(w, *compute_scales(w, grid, "mse"), grid) > 0  # shrunk ranges clip the tails
+
+
+def test_hmse_weighs_the_scale_search_by_diag_h():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 96, generator=g) * 0.02
+    w[:, 7] = 0.08 * torch.sign(torch.randn(16, generator=g))  # a large weight on one input column per row
+    grid = Grid(3, True, 32)
+    ones = torch.ones(96)
+    assert torch.equal(compute_scales(w, grid, "hmse", col_weight=ones)[0], compute_scales(w, grid, "mse")[0])
+    col = torch.ones(96)
+    col[7] = 1e4  # the column that carries massive activations
+    s_mse, _ = compute_scales(w, grid, "mse")
+    s_h, _ = compute_scales(w, grid, "hmse", col_weight=col)
+    q_mse = dequantize(rtn_quantize(w, s_mse, None, grid), s_mse, None, grid)
+    q_h = dequantize(rtn_quantize(w, s_h, None, grid), s_h, None, grid)
+    # hmse is the argmin of the column-weighted error over the same shrink candidates as mse
+    assert float(((q_h - w).abs() ** 2.4 * col).sum()) < float(((q_mse - w).abs() ** 2.4 * col).sum())
+    assert float((q_h[:, 7] - w[:, 7]).abs().mean()) < 0.6 * float((q_mse[:, 7] - w[:, 7]).abs().mean())
+    with pytest.raises(ValueError, match="hmse"):
+        compute_scales(w, grid, "hmse")
+    with pytest.raises(ValueError, match="col_weight"):
+        compute_scales(w, grid, "mse", col_weight=col)
+
+
+def test_hmse_in_the_solver_uses_the_damped_diagonal_and_lowers_a_massive_column_loss():
+    w, h = random_problem(3, n=32, k=64)
+    h[5, :] *= 30.0
+    h[:, 5] *= 30.0  # input 5 carries massive activations (H stays PSD: a congruence by diag)
+    f = factor_hessian(h, "act-order", 0.01)
+    assert torch.allclose(f.diag_h, torch.diagonal(h) + f.damping, rtol=1e-10)
+    grid = Grid(3, True, -1)
+    plain = babai_quantize(w, f, grid)
+    weighted = babai_quantize(w, f, grid, scale_method="hmse")
+    assert weighted.stats.loss < plain.stats.loss

@@ -23,12 +23,11 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..engine import FORMATS, METHODS, QuantSpec
-from ..solver.grid import SUPPORTED_BITS
+from ..solver.grid import SCALE_METHODS, SUPPORTED_BITS
 from ..solver.ordering import ORDERS
 
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
-SCALE_METHODS = ("mse", "minmax")
 BUILTIN_DATASETS = ("austen",)
 
 
@@ -42,7 +41,12 @@ class BabaiConfig(QuantizationConfigMixin):
         order: Babai order: ``"act-order"`` (default; best measured, see the README benchmarks), ``"min-pivot"``
             (the paper's pivoted LDL) or ``"natural"``.
         method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
-        scale_method: ``"mse"`` (shrink search) or ``"minmax"``.
+        scale_method: ``"mse"`` (shrink search on the weights, GPTQ's), ``"hmse"`` (the same search weighted by
+            each input's ``diag H``; needs ``method="babai"``) or ``"minmax"``.
+        rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
+            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only.
+        refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
+            Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
         damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
         block_size: lazy-batch block width of the solver.
         modules_to_not_convert: substrings of full module names to keep in full precision; ``lm_head`` and
@@ -87,6 +91,8 @@ class BabaiConfig(QuantizationConfigMixin):
         target_bpw: float | None = None,
         layers: dict[str, dict[str, int]] | None = None,
         outlier_rate: float | None = None,
+        rescale: bool = False,
+        refine_sweeps: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -94,7 +100,8 @@ class BabaiConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"BabaiConfig got unknown fields {sorted(kwargs)}; allowed: bits, group_size, sym, order, method, "
                 "scale_method, damp, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, seqlen, "
-                "batch_size, calibration, format_version, format, target_bpw, layers, outlier_rate"
+                "batch_size, calibration, format_version, format, target_bpw, layers, outlier_rate, rescale, "
+                "refine_sweeps"
             )
         self.quant_method = QUANT_METHOD
         self.bits = bits
@@ -117,6 +124,8 @@ class BabaiConfig(QuantizationConfigMixin):
         self.target_bpw = target_bpw
         self.layers = layers
         self.outlier_rate = outlier_rate
+        self.rescale = rescale
+        self.refine_sweeps = refine_sweeps
         self.post_init()
 
     def post_init(self) -> None:
@@ -170,6 +179,17 @@ class BabaiConfig(QuantizationConfigMixin):
                 raise bad("method", "format='ssqr' tunes its scales on the Babai solve: use method='babai'")
         elif self.outlier_rate is not None:
             raise ValueError("BabaiConfig: outlier_rate applies to format='ssqr' only; leave it unset")
+        if self.scale_method == "hmse" and self.method != "babai":
+            raise bad("scale_method", "'hmse' weighs the search by diag H, which method='rtn' has not: use 'mse'")
+        if not isinstance(self.rescale, bool):
+            raise bad("rescale", "use True or False")
+        if not is_int(self.refine_sweeps) or self.refine_sweeps < 0:
+            raise bad("refine_sweeps", "use an int >= 0 (coordinate-descent sweeps after the solve), e.g. 1")
+        if (self.rescale or self.refine_sweeps) and (self.format != "int" or self.method != "babai"):
+            raise ValueError(
+                "BabaiConfig: rescale/refine_sweeps refine a Babai solve of format='int'; "
+                f"unset them for format={self.format!r}, method={self.method!r}"
+            )
         if self.format == "int" and self.layers is not None:
             raise ValueError("BabaiConfig: layers (per-module buffer sizes) apply to format='hptq'/'ssqr' only")
         if isinstance(self.dataset, str) and self.dataset not in BUILTIN_DATASETS:
@@ -199,6 +219,8 @@ class BabaiConfig(QuantizationConfigMixin):
             format=self.format,
             target_bpw=None if self.target_bpw is None else float(self.target_bpw),
             outlier_rate=None if self.outlier_rate is None else float(self.outlier_rate),
+            rescale=self.rescale,
+            refine_sweeps=self.refine_sweeps,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,6 +60,13 @@ class HessianFactor:
         """Gram–Schmidt lengths ``D_jj = R_jj²`` in t order."""
         return torch.diagonal(self.r) ** 2
 
+    @property
+    def diag_h(self) -> torch.Tensor:
+        """``diag(H + λI)`` in original column order (``H = RᵀR`` in t order: column norms² of ``R``)."""
+        out = torch.empty(self.t.numel(), dtype=self.r.dtype, device=self.r.device)
+        out[self.t.to(self.r.device)] = (self.r**2).sum(0)
+        return out
+
 
 @dataclass
 class LayerStats:
@@ -143,7 +150,8 @@ def babai_quantize(
         w: weight in ``nn.Linear`` orientation ``[out, in]``.
         factor: from :func:`factor_hessian` for this layer's input.
         grid: bits / symmetric / group size.
-        scales: precomputed ``(scales, zeros)``; default: :func:`compute_scales` with ``scale_method``.
+        scales: precomputed ``(scales, zeros)``; default: :func:`compute_scales` with ``scale_method``
+            (``"hmse"`` weighs the search by this factor's ``diag(H + λI)``).
         clip: clamp codes to ``[0, 2^bits−1]`` (standard formats). ``False`` keeps every integer
             (no-clipping formats) and returns int32 codes.
         outliers: SSQR's no-clipping with a fixed width: a code that overflows the grid is not clipped; the
@@ -158,7 +166,10 @@ def babai_quantize(
     if factor.t.numel() != k:
         raise ValueError(f"weight has {k} input columns but the Hessian is {factor.t.numel()}×{factor.t.numel()}")
     dev = w.device
-    scale_g, zeros = scales if scales is not None else compute_scales(w, grid, scale_method)
+    if scales is None:
+        col_weight = factor.diag_h.to(dev) if scale_method == "hmse" else None
+        scales = compute_scales(w, grid, scale_method, col_weight=col_weight)
+    scale_g, zeros = scales
     t = factor.t.to(dev)
     # Transposed ("column j is row j") so every per-column step touches contiguous memory.
     st = expand_per_column(scale_g, grid, k)[:, t].T.contiguous().to(dtype)

@@ -26,6 +26,7 @@ import torch
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
 FP16_MAX = float(torch.finfo(torch.float16).max)
 SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_METHODS = ("mse", "hmse", "minmax")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def compute_scales(
     max_shrink: float = 0.8,
     steps: int = 100,
     norm: float = 2.4,
+    col_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Static per-group scales (and zeros for asymmetric grids) from the original weight.
 
@@ -117,17 +119,28 @@ def compute_scales(
     a little more than squared error keeps more of each group's tail representable, which measurably helps
     after error propagation (SmolLM2 3-bit g64: perplexity 28.6 with norm 2.4 vs 30.7 with norm 2).
 
+    ``hmse`` is the same search with each column's error weighted by ``col_weight`` (``[K]``, the solver passes
+    ``diag(H + λI)``): the proxy loss's own per-column weights. Why: weight-only MSE happily clips a large weight
+    to save error on many small ones, and when that weight sits on an input that carries massive activations
+    (``down_proj`` of many LLMs) the clipped error dominates the whole layer's loss, which Babai's error feedback
+    cannot repair because every other column is tiny by comparison.
+
     Returns ``scales [N, G]`` (float32 holding fp16-exact values) and ``zeros [N, G]`` (int64) or None
     for symmetric grids.
     """
-    if method not in ("mse", "minmax"):
-        raise ValueError(f"scale method {method!r} is unknown; use 'mse' or 'minmax'")
+    if method not in SCALE_METHODS:
+        raise ValueError(f"scale method {method!r} is unknown; use one of {SCALE_METHODS}")
+    if (method == "hmse") != (col_weight is not None):
+        raise ValueError("scale method 'hmse' needs col_weight (diag H) and the others take none")
     wg = _grouped(w.float(), grid)
     xmin, xmax = wg.amin(-1), wg.amax(-1)
     scale, zero = _params_from_range(xmin, xmax, grid)
-    if method == "mse":
+    if method in ("mse", "hmse"):
         shrink = 1.0 - torch.arange(int(max_shrink * steps), dtype=torch.float32) / steps  # [P]
         flat_w = wg.reshape(-1, wg.shape[-1])  # [N·G, g]
+        if col_weight is not None:
+            cw = _grouped(col_weight.float().reshape(1, -1), grid)  # [1, G, g]; padded columns weigh 0
+            cw = cw.expand(wg.shape[0], -1, -1).reshape(-1, wg.shape[-1])
         lo, hi = xmin.reshape(-1), xmax.reshape(-1)
         best_s, best_z = scale.reshape(-1).clone(), zero.reshape(-1).clone()
         # All shrink candidates of a few thousand groups at once: chunks stay cache-sized, Python calls few.
@@ -138,7 +151,10 @@ def compute_scales(
             # one temporary, everything else in place: |s·(clamp(round(w/s)+z) − z) − w|^norm
             q = torch.div(wc, s_p[..., None]).round_().add_(z_p[..., None]).clamp_(0, grid.maxq)
             q.sub_(z_p[..., None]).mul_(s_p[..., None]).sub_(wc).abs_()
-            err = (q.square_() if norm == 2.0 else q.pow_(norm)).sum(-1)  # [r, P]
+            q = q.square_() if norm == 2.0 else q.pow_(norm)
+            if col_weight is not None:
+                q.mul_(cw[a : a + rows, None, :])
+            err = q.sum(-1)  # [r, P]
             pick = err.argmin(-1, keepdim=True)  # first minimum = the least shrink among ties
             best_s[a : a + rows] = s_p.gather(1, pick).squeeze(1)
             best_z[a : a + rows] = z_p.gather(1, pick).squeeze(1)

@@ -53,7 +53,8 @@ def ssqr_quantize(
     if not 0 <= outlier_rate < 1:
         raise ValueError(f"outlier_rate={outlier_rate} must be in [0, 1), e.g. 0.01")
     start = time.perf_counter()
-    base, zeros = compute_scales(w, grid, scale_method)
+    col_weight = factor.diag_h.to(w.device) if scale_method == "hmse" else None
+    base, zeros = compute_scales(w, grid, scale_method, col_weight=col_weight)
     budget = outlier_rate * w.numel()
     cache: dict[float, QuantResult] = {}
 
