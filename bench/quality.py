@@ -82,22 +82,19 @@ def run_one(args: argparse.Namespace) -> dict:
         else:
             method = args.method
             sweeps = args.refine_sweeps if method == "babai" else 0
-            rescale = args.rescale and method == "babai"
             spec = QuantSpec(
                 bits=bits,
                 group_size=args.group_size,
                 method=method,
                 order=args.order,
                 refine_sweeps=sweeps,
-                rescale=rescale,
-                scale_method=args.scale_method if method == "babai" else "mse",
+                rescale=args.rescale if method == "babai" else None,
+                scale_method=args.scale_method if method == "babai" else None,
             )
-            if method == "babai" and args.scale_method != "mse":
-                rec["scale_method"] = args.scale_method
+            if method == "babai":  # what was used, defaults resolved
+                rec.update(scale_method=spec.scale_method, rescale=spec.rescale)
             if sweeps:
                 rec["refine_sweeps"] = sweeps
-            if rescale:
-                rec["rescale"] = True
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
@@ -147,12 +144,13 @@ def main() -> None:
     )
     p.add_argument(
         "--scale-method",
-        default="mse",
         choices=["mse", "hmse", "minmax"],
-        help="babai: scale search (hmse weighs it by diag H); rtn always uses mse",
+        help="babai: scale search (hmse weighs it by diag H; the default for babai); rtn always uses mse",
     )
     p.add_argument(
-        "--rescale", action="store_true", help="babai int format: refit the scales to the codes under H after the solve"
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        help="babai int format: refit the scales to the codes under H after the solve (default: on)",
     )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -208,9 +206,8 @@ def main() -> None:
         str(eval_file),
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
-        *(["--rescale"] if args.rescale else []),
-        "--scale-method",
-        args.scale_method,
+        *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
+        *(["--scale-method", args.scale_method] if args.scale_method else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

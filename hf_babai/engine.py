@@ -60,7 +60,7 @@ class QuantSpec:
     sym: bool = True
     method: str = "babai"
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
-    scale_method: str = "mse"
+    scale_method: str | None = None  # None: "hmse" for a Babai int solve (measured best), "mse" otherwise
     damp: float = 0.01
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
@@ -69,10 +69,16 @@ class QuantSpec:
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
     refine_sweeps: int = 0  # int format: coordinate-descent sweeps after Babai (solver/refine.py); 0 = Babai only
-    rescale: bool = False  # int format: refit the scales to the codes under H after the solve (solver/refine.py)
+    rescale: bool | None = None  # refit the scales to the codes under H after the solve (solver/refine.py);
+    # None: on for a Babai int solve (measured better everywhere, README), off otherwise
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
+        babai_int = self.method == "babai" and self.format == "int"
+        if self.scale_method is None:
+            self.scale_method = "hmse" if babai_int else "mse"
+        if self.rescale is None:
+            self.rescale = babai_int
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:

@@ -57,8 +57,8 @@ def test_between_babai_and_the_true_closest_vector():
 
 def test_engine_option():
     a, b = tiny_llama(), tiny_llama()
-    ra = quantize_model(a, QuantSpec(bits=3, group_size=32), calib(), progress=False)
-    rb = quantize_model(b, QuantSpec(bits=3, group_size=32, refine_sweeps=2), calib(), progress=False)
+    ra = quantize_model(a, QuantSpec(bits=3, group_size=32, rescale=False), calib(), progress=False)
+    rb = quantize_model(b, QuantSpec(bits=3, group_size=32, rescale=False, refine_sweeps=2), calib(), progress=False)
     # block 0's first layer sees the same inputs: its refined loss is no larger than Babai's
     assert rb[0].stats["loss"] <= ra[0].stats["loss"] + 1e-9 and rb[0].stats["loss_babai"] == pytest.approx(
         ra[0].stats["loss"]
@@ -119,14 +119,17 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     from hf_babai.formats.linear import BabaiLinear
 
     a, b = tiny_llama(), tiny_llama()
-    ra = quantize_model(a, QuantSpec(bits=3, group_size=group), calib(), progress=False)
+    ra = quantize_model(a, QuantSpec(bits=3, group_size=group, rescale=False), calib(), progress=False)
     rb = quantize_model(b, QuantSpec(bits=3, group_size=group, rescale=True, refine_sweeps=1), calib(), progress=False)
-    assert rb[0].stats["loss"] < ra[0].stats["loss"] and rb[0].stats["loss_babai"] == pytest.approx(
-        ra[0].stats["loss"]
-    )
+    assert rb[0].stats["loss"] < ra[0].stats["loss"] and rb[0].stats["loss_babai"] == pytest.approx(ra[0].stats["loss"])
     name = rb[0].name
     mod, ref = b.model.layers[0].get_submodule(name), a.model.layers[0].get_submodule(name)
     assert isinstance(mod, BabaiLinear) and isinstance(ref, BabaiLinear)
     assert not torch.equal(mod.scales, ref.scales)  # the refitted scales are what the module stores
     with pytest.raises(ValueError, match="rescale"):
         QuantSpec(method="rtn", rescale=True)
+    # the defaults: hmse scales and the refit for a Babai int solve; weight-only mse and no refit otherwise
+    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("hmse", True)
+    assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
+    hptq = QuantSpec(format="hptq", target_bpw=3.0)
+    assert (hptq.scale_method, hptq.rescale) == ("mse", False)

@@ -41,10 +41,12 @@ class BabaiConfig(QuantizationConfigMixin):
         order: Babai order: ``"act-order"`` (default; best measured, see the README benchmarks), ``"min-pivot"``
             (the paper's pivoted LDL) or ``"natural"``.
         method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
-        scale_method: ``"mse"`` (shrink search on the weights, GPTQ's), ``"hmse"`` (the same search weighted by
-            each input's ``diag H``; needs ``method="babai"``) or ``"minmax"``.
+        scale_method: ``"hmse"`` (shrink search weighted by each input's ``diag H``; needs ``method="babai"``),
+            ``"mse"`` (the same search on the weights alone, GPTQ's) or ``"minmax"``. Default: ``"hmse"`` for
+            ``method="babai"`` with ``format="int"``, else ``"mse"`` (see the README for the measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
-            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only.
+            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only, where it is
+            the default.
         refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
             Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
         damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
@@ -76,7 +78,7 @@ class BabaiConfig(QuantizationConfigMixin):
         sym: bool = True,
         order: str = "act-order",
         method: str = "babai",
-        scale_method: str = "mse",
+        scale_method: str | None = None,
         damp: float = 0.01,
         block_size: int = 128,
         modules_to_not_convert: list[str] | None = None,
@@ -91,7 +93,7 @@ class BabaiConfig(QuantizationConfigMixin):
         target_bpw: float | None = None,
         layers: dict[str, dict[str, int]] | None = None,
         outlier_rate: float | None = None,
-        rescale: bool = False,
+        rescale: bool | None = None,
         refine_sweeps: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -104,6 +106,11 @@ class BabaiConfig(QuantizationConfigMixin):
                 "refine_sweeps"
             )
         self.quant_method = QUANT_METHOD
+        babai_int = method == "babai" and format == "int"
+        if scale_method is None:  # resolved here so config.json records what was used
+            scale_method = "hmse" if babai_int else "mse"
+        if rescale is None:
+            rescale = babai_int
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
