@@ -127,6 +127,9 @@ def _quantize(args: argparse.Namespace) -> int:
         format=args.format,
         target_bpw=args.target_bpw,
         outlier_rate=args.outlier_rate,
+        scale_method=args.scale_method,
+        rescale=args.rescale,
+        refine_sweeps=args.refine_sweeps,
     )
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
@@ -289,6 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
     q.add_argument("--method", default="babai", choices=["babai", "rtn"])
     q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument(
+        "--scale-method",
+        default=None,
+        choices=["hmse", "mse", "minmax"],
+        help="scale search; default hmse (weighted by diag H) for babai, mse for rtn",
+    )
+    q.add_argument(
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refit scales to the codes under H after the solve (default: on for babai --format int)",
+    )
+    q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
     q.add_argument(
         "--format",
         default="int",

@@ -190,6 +190,11 @@ def test_cli_quantize_and_info(real, tmp_path):
         (["quantize", str(real["src"]), "--out", str(tmp_path / "y"), "--dataset", "nope.txt"], "nope.txt"),
         (["quantize", str(real["src"]), "--out", str(tmp_path / "z"), "--format", "hptq"], "target_bpw"),
         (["quantize", str(real["src"]), "--out", str(tmp_path / "w"), "--format", "ssqr"], "outlier_rate"),
+        (["quantize", str(real["src"]), "--out", str(tmp_path / "v"), "--method", "rtn", "--rescale"], "rescale"),
+        (
+            ["quantize", str(real["src"]), "--out", str(tmp_path / "u"), "--method", "rtn", "--scale-method", "hmse"],
+            "hmse",
+        ),
     ]:
         bad = subprocess.run([sys.executable, "-m", "hf_babai", *args], capture_output=True, text=True)
         assert bad.returncode == 1 and needle in bad.stderr, bad.stderr[-2000:]
