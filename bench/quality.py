@@ -144,7 +144,7 @@ def main() -> None:
     )
     p.add_argument(
         "--scale-method",
-        choices=["mse", "hmse", "minmax"],
+        choices=["mse", "hmse", "best", "minmax"],
         help="babai: scale search (hmse weighs it by diag H; the default for babai); rtn always uses mse",
     )
     p.add_argument(

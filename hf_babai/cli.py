@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument(
         "--scale-method",
         default=None,
-        choices=["hmse", "mse", "minmax"],
+        choices=["hmse", "mse", "best", "minmax"],
         help="scale search; default hmse (weighted by diag H) for babai, mse for rtn",
     )
     q.add_argument(

@@ -40,7 +40,7 @@ from .formats.huffman import coded_bits
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
-from .solver.grid import count_clipped, dequantize, rtn_quantize
+from .solver.grid import SCALE_METHODS, count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
 from .solver.refine import refine_result
 from .solver.ssqr import ssqr_quantize
@@ -102,8 +102,14 @@ class QuantSpec:
             raise ValueError("outlier_rate applies to format='ssqr' only")
         if self.refine_sweeps < 0 or (self.refine_sweeps and (self.format != "int" or self.method != "babai")):
             raise ValueError("refine_sweeps must be ≥ 0 and applies to format='int' with method='babai' only")
-        if self.scale_method == "hmse" and self.method != "babai":
-            raise ValueError("scale_method='hmse' weighs the scale search by diag H; method='rtn' has none: use 'mse'")
+        if self.scale_method in ("hmse", "best") and self.method != "babai":
+            raise ValueError(
+                f"scale_method={self.scale_method!r} weighs the search by diag H; method='rtn' has none: use 'mse'"
+            )
+        if self.scale_method == "best" and self.format != "int":
+            raise ValueError("scale_method='best' (two solves, the lower loss kept) applies to format='int' only")
+        if self.scale_method not in (*SCALE_METHODS, "best"):
+            raise ValueError(f"scale_method={self.scale_method!r} is unknown; use one of {(*SCALE_METHODS, 'best')}")
         if self.rescale and (self.format != "int" or self.method != "babai"):
             raise ValueError("rescale applies to format='int' with method='babai' only")
 
@@ -304,11 +310,18 @@ class _BlockQuantizer:
                 w, factor, spec.grid, spec.outlier_rate, scale_method=spec.scale_method, block_size=spec.block_size
             )
         else:
-            res = babai_quantize(w, factor, spec.grid, scale_method=spec.scale_method, block_size=spec.block_size)
-            if spec.refine_sweeps or spec.rescale:
-                res = refine_result(
-                    w, acc.finalize(), factor.damping, res, spec.grid, spec.refine_sweeps, rescale=spec.rescale
-                )
+            # "best": solve with both searches and keep the layer's lower proxy loss (every candidate is a full,
+            # exact solve, so its stats stay those of a real run)
+            methods = ("hmse", "mse") if spec.scale_method == "best" else (spec.scale_method,)
+            res = None
+            for m in methods:
+                cand = babai_quantize(w, factor, spec.grid, scale_method=m, block_size=spec.block_size)
+                if spec.refine_sweeps or spec.rescale:
+                    cand = refine_result(
+                        w, acc.finalize(), factor.damping, cand, spec.grid, spec.refine_sweeps, rescale=spec.rescale
+                    )
+                if res is None or cand.stats.loss < res.stats.loss:
+                    res = cand
         self.results[name] = res
         return res
 

@@ -133,3 +133,17 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
     hptq = QuantSpec(format="hptq", target_bpw=3.0)
     assert (hptq.scale_method, hptq.rescale) == ("mse", False)
+
+
+def test_best_scale_method_keeps_the_lower_loss_of_both_searches():
+    runs = {}
+    for m in ("mse", "hmse", "best"):
+        runs[m] = quantize_model(
+            tiny_llama(), QuantSpec(bits=3, group_size=32, scale_method=m), calib(), progress=False
+        )
+    first = {m: r[0].stats["loss"] for m, r in runs.items()}  # block 0's first layer: identical inputs in all runs
+    assert first["best"] == min(first["mse"], first["hmse"])
+    with pytest.raises(ValueError, match="'best'"):
+        QuantSpec(format="ssqr", outlier_rate=0.01, scale_method="best")
+    with pytest.raises(ValueError, match="unknown"):
+        QuantSpec(scale_method="l2")

@@ -23,12 +23,14 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..engine import FORMATS, METHODS, QuantSpec
-from ..solver.grid import SCALE_METHODS, SUPPORTED_BITS
+from ..solver.grid import SCALE_METHODS as GRID_SCALE_METHODS
+from ..solver.grid import SUPPORTED_BITS
 from ..solver.ordering import ORDERS
 
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
 BUILTIN_DATASETS = ("austen",)
+SCALE_METHODS = (*GRID_SCALE_METHODS, "best")  # "best": both searches solved, the lower proxy loss kept per layer
 
 
 class BabaiConfig(QuantizationConfigMixin):
@@ -186,8 +188,10 @@ class BabaiConfig(QuantizationConfigMixin):
                 raise bad("method", "format='ssqr' tunes its scales on the Babai solve: use method='babai'")
         elif self.outlier_rate is not None:
             raise ValueError("BabaiConfig: outlier_rate applies to format='ssqr' only; leave it unset")
-        if self.scale_method == "hmse" and self.method != "babai":
-            raise bad("scale_method", "'hmse' weighs the search by diag H, which method='rtn' has not: use 'mse'")
+        if self.scale_method in ("hmse", "best") and self.method != "babai":
+            raise bad("scale_method", "'hmse'/'best' weigh the search by diag H, which method='rtn' has not: use 'mse'")
+        if self.scale_method == "best" and self.format != "int":
+            raise bad("scale_method", "'best' (two solves, the lower loss kept) applies to format='int' only")
         if not isinstance(self.rescale, bool):
             raise bad("rescale", "use True or False")
         if not is_int(self.refine_sweeps) or self.refine_sweeps < 0:
