@@ -60,7 +60,7 @@ class QuantSpec:
     sym: bool = True
     method: str = "babai"
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
-    scale_method: str | None = None  # None: "hmse" for a Babai int solve (measured best), "mse" otherwise
+    scale_method: str | None = None  # None: "best" (hmse and mse solved, lower loss kept) for Babai int, else "mse"
     damp: float = 0.01
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
@@ -76,7 +76,7 @@ class QuantSpec:
         self.grid = Grid(self.bits, self.sym, self.group_size)
         babai_int = self.method == "babai" and self.format == "int"
         if self.scale_method is None:
-            self.scale_method = "hmse" if babai_int else "mse"
+            self.scale_method = "best" if babai_int else "mse"
         if self.rescale is None:
             self.rescale = babai_int
         if self.method not in METHODS:

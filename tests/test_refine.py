@@ -119,8 +119,15 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     from hf_babai.formats.linear import BabaiLinear
 
     a, b = tiny_llama(), tiny_llama()
-    ra = quantize_model(a, QuantSpec(bits=3, group_size=group, rescale=False), calib(), progress=False)
-    rb = quantize_model(b, QuantSpec(bits=3, group_size=group, rescale=True, refine_sweeps=1), calib(), progress=False)
+    ra = quantize_model(
+        a, QuantSpec(bits=3, group_size=group, scale_method="hmse", rescale=False), calib(), progress=False
+    )
+    rb = quantize_model(
+        b,
+        QuantSpec(bits=3, group_size=group, scale_method="hmse", rescale=True, refine_sweeps=1),
+        calib(),
+        progress=False,
+    )
     assert rb[0].stats["loss"] < ra[0].stats["loss"] and rb[0].stats["loss_babai"] == pytest.approx(ra[0].stats["loss"])
     name = rb[0].name
     mod, ref = b.model.layers[0].get_submodule(name), a.model.layers[0].get_submodule(name)
@@ -129,7 +136,7 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     with pytest.raises(ValueError, match="rescale"):
         QuantSpec(method="rtn", rescale=True)
     # the defaults: hmse scales and the refit for a Babai int solve; weight-only mse and no refit otherwise
-    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("hmse", True)
+    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("best", True)
     assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
     hptq = QuantSpec(format="hptq", target_bpw=3.0)
     assert (hptq.scale_method, hptq.rescale) == ("mse", False)

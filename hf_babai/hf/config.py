@@ -44,7 +44,8 @@ class BabaiConfig(QuantizationConfigMixin):
             (the paper's pivoted LDL) or ``"natural"``.
         method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
         scale_method: ``"hmse"`` (shrink search weighted by each input's ``diag H``; needs ``method="babai"``),
-            ``"mse"`` (the same search on the weights alone, GPTQ's) or ``"minmax"``. Default: ``"hmse"`` for
+            ``"mse"`` (the same search on the weights alone, GPTQ's), ``"best"`` (both solved, the lower proxy
+            loss kept per layer; twice the solve time) or ``"minmax"``. Default: ``"best"`` for
             ``method="babai"`` with ``format="int"``, else ``"mse"`` (see the README for the measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
             kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only, where it is
@@ -110,7 +111,7 @@ class BabaiConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         babai_int = method == "babai" and format == "int"
         if scale_method is None:  # resolved here so config.json records what was used
-            scale_method = "hmse" if babai_int else "mse"
+            scale_method = "best" if babai_int else "mse"
         if rescale is None:
             rescale = babai_int
         self.bits = bits
