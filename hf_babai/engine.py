@@ -60,7 +60,7 @@ class QuantSpec:
     sym: bool = True
     method: str = "babai"
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
-    scale_method: str | None = None  # None: "best" (hmse and mse solved, lower loss kept) for Babai int, else "mse"
+    scale_method: str | None = None  # None: "hmse" for a Babai int solve at ≥ 3 bits, else "mse" (see __post_init__)
     damp: float = 0.01
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
@@ -70,15 +70,17 @@ class QuantSpec:
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
     refine_sweeps: int = 0  # int format: coordinate-descent sweeps after Babai (solver/refine.py); 0 = Babai only
     rescale: bool | None = None  # refit the scales to the codes under H after the solve (solver/refine.py);
-    # None: on for a Babai int solve (measured better everywhere, README), off otherwise
+    # None: on for a Babai int solve at ≥ 3 bits (measured, README), off otherwise
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
-        babai_int = self.method == "babai" and self.format == "int"
+        # Hessian-aware scales by default where they were measured to win (3/4 bits); at 2 bits the lower proxy
+        # loss they reach stopped predicting perplexity (SmolLM2 g64: 510 vs 213 for GPTQ-style scales, README)
+        hess = self.method == "babai" and self.format == "int" and self.bits >= 3
         if self.scale_method is None:
-            self.scale_method = "best" if babai_int else "mse"
+            self.scale_method = "hmse" if hess else "mse"
         if self.rescale is None:
-            self.rescale = babai_int
+            self.rescale = hess
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:

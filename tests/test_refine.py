@@ -136,7 +136,8 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     with pytest.raises(ValueError, match="rescale"):
         QuantSpec(method="rtn", rescale=True)
     # the defaults: hmse scales and the refit for a Babai int solve; weight-only mse and no refit otherwise
-    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("best", True)
+    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("hmse", True)
+    assert (QuantSpec(bits=2).scale_method, QuantSpec(bits=2).rescale) == ("mse", False)
     assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
     hptq = QuantSpec(format="hptq", target_bpw=3.0)
     assert (hptq.scale_method, hptq.rescale) == ("mse", False)

@@ -45,11 +45,12 @@ class BabaiConfig(QuantizationConfigMixin):
         method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
         scale_method: ``"hmse"`` (shrink search weighted by each input's ``diag H``; needs ``method="babai"``),
             ``"mse"`` (the same search on the weights alone, GPTQ's), ``"best"`` (both solved, the lower proxy
-            loss kept per layer; twice the solve time) or ``"minmax"``. Default: ``"best"`` for
-            ``method="babai"`` with ``format="int"``, else ``"mse"`` (see the README for the measurements).
+            loss kept per layer; twice the solve time) or ``"minmax"``. Default: ``"hmse"`` for
+            ``method="babai"`` with ``format="int"`` at 3 bits or more, else ``"mse"`` (at 2 bits the Hessian-aware
+            scales lost in the README measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
-            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only, where it is
-            the default.
+            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; the default there
+            at 3 bits or more.
         refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
             Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
         damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
@@ -109,11 +110,11 @@ class BabaiConfig(QuantizationConfigMixin):
                 "refine_sweeps"
             )
         self.quant_method = QUANT_METHOD
-        babai_int = method == "babai" and format == "int"
+        hess = method == "babai" and format == "int" and bits in (3, 4, 8)  # the engine's rule (QuantSpec)
         if scale_method is None:  # resolved here so config.json records what was used
-            scale_method = "best" if babai_int else "mse"
+            scale_method = "hmse" if hess else "mse"
         if rescale is None:
-            rescale = babai_int
+            rescale = hess
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
