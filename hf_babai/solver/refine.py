@@ -10,6 +10,9 @@ per column, one GEMM per block). This is greedy coordinate descent (as in QuantE
 lattice coordinates; the paper leaves stronger CVP steps to future work. Because it only lowers the loss of
 Babai's point, Babai's bound still holds for the refined point when nothing is clipped.
 
+The second step here, :func:`refit_scales`, changes the lattice instead of the point: with the codes fixed, the
+best group scales under ``H`` are a small least-squares problem per row (the engine's ``rescale`` option).
+
 Pure tensor code: no transformers import.
 """
 
