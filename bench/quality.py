@@ -145,12 +145,12 @@ def main() -> None:
     p.add_argument(
         "--scale-method",
         choices=["mse", "hmse", "best", "minmax"],
-        help="babai: scale search (hmse weighs it by diag H; the default for babai); rtn always uses mse",
+        help="babai: scale search (hmse weighs it by diag H); default hmse at >= 3 bits, mse at 2 bits and for rtn",
     )
     p.add_argument(
         "--rescale",
         action=argparse.BooleanOptionalAction,
-        help="babai int format: refit the scales to the codes under H after the solve (default: on)",
+        help="babai int format: refit the scales to the codes under H after the solve (default: on at >= 3 bits)",
     )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)

@@ -40,7 +40,7 @@ from .formats.huffman import coded_bits
 from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
-from .solver.grid import SCALE_METHODS, count_clipped, dequantize, rtn_quantize
+from .solver.grid import SCALE_METHODS, SUPPORTED_BITS, count_clipped, dequantize, rtn_quantize
 from .solver.ordering import ORDERS
 from .solver.refine import refine_result
 from .solver.ssqr import ssqr_quantize
@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 
 METHODS = ("babai", "rtn")
 FORMATS = ("int", "hptq", "ssqr")
+
+
+def default_scale_options(method: str, format: str, bits: int) -> tuple[str, bool]:
+    """``(scale_method, rescale)`` when the user leaves them unset (``QuantSpec`` and ``BabaiConfig`` both ask).
+
+    Hessian-aware scales where they were measured to win (a Babai int solve at 3/4 bits); at 2 bits the lower
+    proxy loss they reach stopped predicting perplexity (SmolLM2 g64: 510 vs 213 for GPTQ-style scales, README).
+    """
+    hess = method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2  # bad bits: Grid reports
+    return ("hmse" if hess else "mse"), hess
 
 
 @dataclass
@@ -74,13 +84,11 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
-        # Hessian-aware scales by default where they were measured to win (3/4 bits); at 2 bits the lower proxy
-        # loss they reach stopped predicting perplexity (SmolLM2 g64: 510 vs 213 for GPTQ-style scales, README)
-        hess = self.method == "babai" and self.format == "int" and self.bits >= 3
+        default_scale_method, default_rescale = default_scale_options(self.method, self.format, self.bits)
         if self.scale_method is None:
-            self.scale_method = "hmse" if hess else "mse"
+            self.scale_method = default_scale_method
         if self.rescale is None:
-            self.rescale = hess
+            self.rescale = default_rescale
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:
@@ -315,12 +323,13 @@ class _BlockQuantizer:
             # "best": solve with both searches and keep the layer's lower proxy loss (every candidate is a full,
             # exact solve, so its stats stay those of a real run)
             methods = ("hmse", "mse") if spec.scale_method == "best" else (spec.scale_method,)
+            h = acc.finalize() if spec.refine_sweeps or spec.rescale else None
             res = None
             for m in methods:
                 cand = babai_quantize(w, factor, spec.grid, scale_method=m, block_size=spec.block_size)
-                if spec.refine_sweeps or spec.rescale:
+                if h is not None:
                     cand = refine_result(
-                        w, acc.finalize(), factor.damping, cand, spec.grid, spec.refine_sweeps, rescale=spec.rescale
+                        w, h, factor.damping, cand, spec.grid, spec.refine_sweeps, rescale=spec.rescale
                     )
                 if res is None or cand.stats.loss < res.stats.loss:
                     res = cand

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import FORMATS, METHODS, QuantSpec
+from ..engine import FORMATS, METHODS, QuantSpec, default_scale_options
 from ..solver.grid import SCALE_METHODS as GRID_SCALE_METHODS
 from ..solver.grid import SUPPORTED_BITS
 from ..solver.ordering import ORDERS
@@ -110,11 +110,12 @@ class BabaiConfig(QuantizationConfigMixin):
                 "refine_sweeps"
             )
         self.quant_method = QUANT_METHOD
-        hess = method == "babai" and format == "int" and bits in (3, 4, 8)  # the engine's rule (QuantSpec)
-        if scale_method is None:  # resolved here so config.json records what was used
-            scale_method = "hmse" if hess else "mse"
+        # resolved here so config.json records what was used (bad bits/method/format are reported by post_init)
+        default_scale_method, default_rescale = default_scale_options(method, format, bits)
+        if scale_method is None:
+            scale_method = default_scale_method
         if rescale is None:
-            rescale = hess
+            rescale = default_rescale
         self.bits = bits
         self.group_size = group_size
         self.sym = sym

@@ -132,6 +132,14 @@ def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01
     raise RuntimeError(f"could not factor the Hessian even with damping {lam:g}; it is not symmetric PSD")
 
 
+def factor_scales(
+    w: torch.Tensor, factor: HessianFactor, grid: Grid, scale_method: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`compute_scales` for a layer with a factored Hessian: ``"hmse"`` gets ``diag(H + λI)`` as its weights."""
+    col_weight = factor.diag_h.to(w.device) if scale_method == "hmse" else None
+    return compute_scales(w, grid, scale_method, col_weight=col_weight)
+
+
 def babai_quantize(
     w: torch.Tensor,
     factor: HessianFactor,
@@ -166,10 +174,7 @@ def babai_quantize(
     if factor.t.numel() != k:
         raise ValueError(f"weight has {k} input columns but the Hessian is {factor.t.numel()}×{factor.t.numel()}")
     dev = w.device
-    if scales is None:
-        col_weight = factor.diag_h.to(dev) if scale_method == "hmse" else None
-        scales = compute_scales(w, grid, scale_method, col_weight=col_weight)
-    scale_g, zeros = scales
+    scale_g, zeros = scales if scales is not None else factor_scales(w, factor, grid, scale_method)
     t = factor.t.to(dev)
     # Transposed ("column j is row j") so every per-column step touches contiguous memory.
     st = expand_per_column(scale_g, grid, k)[:, t].T.contiguous().to(dtype)

@@ -26,8 +26,8 @@ import time
 import torch
 from torch import Tensor
 
-from .babai import HessianFactor, QuantResult, babai_quantize
-from .grid import FP16_MAX, FP16_TINY, Grid, compute_scales
+from .babai import HessianFactor, QuantResult, babai_quantize, factor_scales
+from .grid import FP16_MAX, FP16_TINY, Grid
 
 
 def _scaled(scales: Tensor, alpha: float) -> Tensor:
@@ -53,8 +53,7 @@ def ssqr_quantize(
     if not 0 <= outlier_rate < 1:
         raise ValueError(f"outlier_rate={outlier_rate} must be in [0, 1), e.g. 0.01")
     start = time.perf_counter()
-    col_weight = factor.diag_h.to(w.device) if scale_method == "hmse" else None
-    base, zeros = compute_scales(w, grid, scale_method, col_weight=col_weight)
+    base, zeros = factor_scales(w, factor, grid, scale_method)
     budget = outlier_rate * w.numel()
     cache: dict[float, QuantResult] = {}
 
