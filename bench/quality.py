@@ -71,12 +71,19 @@ def run_one(args: argparse.Namespace) -> dict:
         if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
             target = entropy_target(bits, args.group_size)
             method = "babai" if args.method == "hptq" else "rtn"
-            spec = QuantSpec(method=method, order=args.order, format="hptq", target_bpw=target)
+            spec = QuantSpec(
+                method=method, order=args.order, format="hptq", target_bpw=target, true_sequential=args.true_sequential
+            )
             rec.update(group_size=None, target_bpw=target, order=args.order if method == "babai" else None)
         elif args.method == "ssqr":  # fixed-width inliers + sparse exact outliers at a given rate
             method = "babai"
             spec = QuantSpec(
-                bits=bits, group_size=args.group_size, order=args.order, format="ssqr", outlier_rate=args.outlier_rate
+                bits=bits,
+                group_size=args.group_size,
+                order=args.order,
+                format="ssqr",
+                outlier_rate=args.outlier_rate,
+                true_sequential=args.true_sequential,
             )
             rec.update(outlier_rate=args.outlier_rate, order=args.order)
         else:
@@ -90,6 +97,8 @@ def run_one(args: argparse.Namespace) -> dict:
                 refine_sweeps=sweeps,
                 rescale=args.rescale if method == "babai" else None,
                 scale_method=args.scale_method if method == "babai" else None,
+                true_sequential=args.true_sequential,
+                skip_first_tokens=args.skip_first_tokens,
             )
             if method == "babai":  # what was used, defaults resolved
                 rec.update(scale_method=spec.scale_method, rescale=spec.rescale)
@@ -99,6 +108,10 @@ def run_one(args: argparse.Namespace) -> dict:
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
         rec["calib_batch"] = args.calib_batch
+        if method == "babai":
+            rec["true_sequential"] = spec.true_sequential
+            if spec.skip_first_tokens:
+                rec["skip_first_tokens"] = spec.skip_first_tokens
         rec["seconds"] = time.perf_counter() - t0
         rec["bpw"] = model_bits_per_weight(model)
         stats = [r.stats for r in records]
@@ -129,10 +142,10 @@ def main() -> None:
     p.add_argument("--groups", type=int, nargs="+", default=[64, 128, -1])
     p.add_argument(
         "--methods",
-        nargs="+",
+        nargs="*",
         default=["rtn", "babai:act-order", "babai:min-pivot"],
         help="rtn, babai[:order], ssqr[:order] (sparse outliers, --outlier-rates), and the entropy-coded "
-        "hptq[:order] / hrtn (budget bits + 16/group)",
+        "hptq[:order] / hrtn (budget bits + 16/group); none = only the peer (with --peer)",
     )
     p.add_argument("--peer", action="store_true", help="also run llm-compressor GPTQ (needs .venv-peer)")
     p.add_argument("--peer-actorder", default="static", help="llm-compressor actorder (none/static/group/weight)")
@@ -159,8 +172,13 @@ def main() -> None:
         "--calib-batch",
         type=int,
         default=None,
-        help="calibration windows per forward for hf_babai (default: all at once, the one-pass schedule; "
-        "fewer means the two-pass schedule)",
+        help="calibration windows per forward for hf_babai (default: all at once)",
+    )
+    p.add_argument("--skip-first-tokens", type=int, default=0, help="leave each window's first tokens out of H")
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="hf_babai: one forward per block, downstream Hessians from quantized upstream outputs",
     )
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
@@ -208,6 +226,8 @@ def main() -> None:
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
+        *(["--true-sequential"] if args.true_sequential else []),
+        *(["--skip-first-tokens", str(args.skip_first_tokens)] if args.skip_first_tokens else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

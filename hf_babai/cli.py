@@ -130,6 +130,7 @@ def _quantize(args: argparse.Namespace) -> int:
         scale_method=args.scale_method,
         rescale=args.rescale,
         refine_sweeps=args.refine_sweeps,
+        true_sequential=args.true_sequential,
     )
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
@@ -305,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         help="refit scales to the codes under H after the solve (default: on for babai --format int at >= 3 bits)",
     )
     q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
+    q.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="one forward per block, downstream Hessians from quantized upstream outputs (faster; worse at 2 bits)",
+    )
     q.add_argument(
         "--format",
         default="int",

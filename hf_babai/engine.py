@@ -6,14 +6,20 @@ forward pre-hook, and every block then runs on the cached activations (kept on C
 
 Two schedules, both with error propagation (each block sees the already-quantized model's outputs):
 
-- **one pass** (default whenever the whole calibration set goes through a block as one batch): a forward
+- **two pass** (default, ``true_sequential=False``; llm-compressor's sequential pipeline): accumulate every
+  Hessian of the block over all calibration batches with the block's float weights, solve, swap, then re-run
+  the block to propagate. Every sub-layer's Hessian sees clean in-block inputs.
+- **one pass** (``true_sequential=True``; needs the whole calibration set in one forward): a forward
   pre-hook on each target Linear accumulates its Hessian from the input it is *about* to receive, solves,
   and swaps the quantized weight in before the Linear runs. Sub-layers downstream (``o_proj`` after
   ``q/k/v``, ``down_proj`` after ``gate/up``) therefore get Hessians of already-quantized upstream outputs
   (GPTQ's "true sequential"), and the block's output of that same pass is the next block's input: one
-  forward per block instead of a calibration pass plus a propagation pass.
-- **two pass** (fallback: calibration in several batches, or a Linear called twice in one forward):
-  accumulate every Hessian over all batches, solve, swap, then re-run the block to propagate.
+  forward per block instead of a calibration pass plus a propagation pass. If a Linear runs twice in one
+  forward, that block falls back to two passes (logged).
+
+Why two passes by default: measured on SmolLM2-135M (README), one pass saves a forward per block but its downstream
+Hessians come from already-quantized upstream outputs, which at 2 bits are so perturbed that ``o_proj`` and
+``down_proj`` are fitted to noise (2-bit g64 perplexity 213 vs 91 with two passes; 3-bit g64 27.4 vs 27.2).
 
 Linears that read the same tensor (``q/k/v``, ``gate/up``) share one Hessian and one factorization.
 Memory: beside the model, one block's Hessians and the calibration activations (CPU) are alive; the
@@ -74,7 +80,8 @@ class QuantSpec:
     damp: float = 0.01
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
-    one_pass: bool = True
+    skip_first_tokens: int = 0  # research option: leave each window's first real tokens (attention sinks) out of H
+    true_sequential: bool = False  # one pass per block, downstream Hessians from quantized upstream (see top)
     format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
@@ -93,6 +100,8 @@ class QuantSpec:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:
             raise ValueError(f"order={self.order!r} is unknown; use one of {ORDERS}")
+        if self.skip_first_tokens < 0:
+            raise ValueError(f"skip_first_tokens={self.skip_first_tokens} must be >= 0")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp={self.damp} must be in [0, 1) (fraction of mean diag H)")
         if self.format not in FORMATS:
@@ -498,7 +507,7 @@ def quantize_model(
         spec: grid, method and solver settings.
         input_ids: calibration token windows ``[n, T]`` (not needed for ``method="rtn"``).
         attention_mask: optional ``[n, T]``; padded positions are left out of every Hessian.
-        batch_size: samples per forward; ``None`` = all at once, which enables the one-pass schedule.
+        batch_size: samples per forward; ``None`` = all at once (``spec.true_sequential`` needs that).
         log_path: where to write the per-layer table (``quant_log.csv``).
     """
     blocks_name, blocks = find_blocks(model)
@@ -507,17 +516,22 @@ def quantize_model(
         raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
     n = 0 if input_ids is None else input_ids.shape[0]
     bs = n if batch_size is None else batch_size
+    if spec.true_sequential and spec.method != "rtn" and bs < n:
+        raise ValueError(
+            f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
+            "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
+        )
     inputs = (
         [] if spec.method == "rtn" else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
     )
     masks = [None] * len(inputs)
-    if attention_mask is not None:
-        masks = [attention_mask[i : i + bs] for i in range(0, n, bs)]
-    tokens = (
-        int(attention_mask.sum())
-        if attention_mask is not None
-        else n * (0 if input_ids is None else input_ids.shape[1])
-    )
+    hmask = attention_mask  # positions that enter the Hessians
+    if spec.skip_first_tokens and input_ids is not None:
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        hmask = real * (real.cumsum(1) > spec.skip_first_tokens)  # first real tokens, also under left padding
+    if hmask is not None:
+        masks = [hmask[i : i + bs] for i in range(0, n, bs)]
+    tokens = int(hmask.sum()) if hmask is not None else n * (0 if input_ids is None else input_ids.shape[1])
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
     total_loss = 0.0
     for b in bar:
@@ -534,13 +548,13 @@ def quantize_model(
             continue
         bq = _BlockQuantizer(linears, spec)
         outputs = None
-        if spec.one_pass and len(inputs) == 1:
+        if spec.true_sequential:
             try:
                 outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
                 for name, lin in linears.items():
                     _swap_in(block, name, lin, bq.results[name], spec)
             except _CalledTwice as e:
-                log.info("block %d: %s runs twice per forward; using the two-pass schedule", b, e)
+                log.warning("block %d: %s runs twice per forward; this block uses the two-pass schedule", b, e)
                 bq = _BlockQuantizer(linears, spec)
         if outputs is None:
             outputs = _two_pass(block, linears, bq, inputs, masks, device)

@@ -54,7 +54,7 @@ def test_finds_blocks_and_quantizes_every_block_linear(tmp_path):
 
 def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():
     a, b = tiny_llama(), tiny_llama()
-    quantize_model(a, QuantSpec(bits=3, group_size=16, one_pass=False), calib(), progress=False)
+    quantize_model(a, QuantSpec(bits=3, group_size=16), calib(), progress=False)
     quantize_model(b, QuantSpec(bits=3, group_size=16), calib(), batch_size=2, progress=False)
     ca, cb = codes_of(a), codes_of(b)
     flips = sum(int((ca[k] != cb[k]).sum()) for k in ca)
@@ -63,8 +63,8 @@ def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():
 
 def test_one_pass_feeds_quantized_upstream_outputs_downstream():
     one, two = tiny_llama(), tiny_llama()
-    quantize_model(one, QuantSpec(bits=3, group_size=16), calib(), progress=False)
-    quantize_model(two, QuantSpec(bits=3, group_size=16, one_pass=False), calib(), progress=False)
+    quantize_model(one, QuantSpec(bits=3, group_size=16, true_sequential=True), calib(), progress=False)
+    quantize_model(two, QuantSpec(bits=3, group_size=16), calib(), progress=False)
     c1, c2 = codes_of(one), codes_of(two)
     # block 0's q/k/v and gate... see the same float input in both schedules
     for k in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
@@ -99,9 +99,29 @@ def test_linear_called_twice_falls_back_to_two_pass():
     torch.manual_seed(0)
     model = _TwiceModel()
     ids = torch.randint(0, 32, (4, 10))
-    records = quantize_model(model, QuantSpec(bits=4, group_size=16), ids, progress=False)
+    records = quantize_model(model, QuantSpec(bits=4, group_size=16, true_sequential=True), ids, progress=False)
     assert len(records) == 2 and all(isinstance(b.proj, BabaiLinear) for b in model.layers)
     assert records[0].tokens == 40
+
+
+def test_skip_first_tokens_leaves_those_positions_out_of_the_hessians():
+    a, b = tiny_llama(), tiny_llama()
+    ids = calib()
+    ra = quantize_model(a, QuantSpec(bits=3, group_size=16, skip_first_tokens=2), ids, progress=False)
+    assert ra[0].tokens == 6 * (24 - 2)
+    # block 0's q_proj input (embedding + RMSNorm) is per-token, so its Hessian without the first two positions
+    # is exactly the Hessian of the windows cut after them; the model's forward still sees the whole windows
+    quantize_model(b, QuantSpec(bits=3, group_size=16), ids[:, 2:], progress=False)
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(codes_of(a)[name], codes_of(b)[name])
+    c = tiny_llama()
+    quantize_model(c, QuantSpec(bits=3, group_size=16), ids, progress=False)
+    assert not torch.equal(codes_of(a)[name], codes_of(c)[name])
+
+
+def test_true_sequential_refuses_split_calibration():
+    with pytest.raises(ValueError, match=r"true_sequential=True .* batch_size=2"):
+        quantize_model(tiny_llama(), QuantSpec(bits=4, true_sequential=True), calib(), batch_size=2, progress=False)
 
 
 def test_rtn_needs_no_data_and_babai_does():

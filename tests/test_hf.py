@@ -69,6 +69,7 @@ def quantized(tiny, tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, Pa
         ("scale_method", "l1", "scale_method='l1'"),
         ("rescale", "yes", "rescale='yes'"),
         ("refine_sweeps", -1, "refine_sweeps=-1"),
+        ("true_sequential", 1, "true_sequential=1"),
     ],
 )
 def test_config_rejects_bad_fields_by_name(field, value, needle):
@@ -89,6 +90,13 @@ def test_config_refinement_options_need_a_babai_int_solve():
     assert (BabaiConfig(bits=3).scale_method, BabaiConfig(bits=3).rescale) == ("hmse", True)
     assert (BabaiConfig(bits=2).scale_method, BabaiConfig(bits=2).rescale) == ("mse", False)
     assert (BabaiConfig(method="rtn").scale_method, BabaiConfig(method="rtn").rescale) == ("mse", False)
+
+
+def test_config_true_sequential_reaches_the_engine_and_needs_one_batch():
+    with pytest.raises(ValueError, match=r"true_sequential=True.*batch_size=8"):
+        BabaiConfig(true_sequential=True, batch_size=8)
+    assert BabaiConfig(true_sequential=True).spec().true_sequential
+    assert not BabaiConfig().spec().true_sequential  # two passes by default (README: far better at 2 bits)
 
 
 def test_config_rejects_unknown_fields():
