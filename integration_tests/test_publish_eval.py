@@ -99,8 +99,11 @@ def test_optimum_style_api_equals_quantize_on_load(quantized):
         assert torch.equal(reloaded(quantized["ids"]).logits, ref)
     assert (quantized["tmp"] / "ckpt" / "quant_log.csv").read_text().count("\n") == 211
     # GPTQ options that would change the result are refused, harmless ones accepted
-    with pytest.raises(ValueError, match="true_sequential"):
-        hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=False)
+    # GPTQ's true_sequential is passed on (hf_babai's default is False, the two-pass schedule)
+    assert hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=True).config.true_sequential
+    assert not hf_babai.BabaiQuantizer(bits=4, dataset="austen").config.true_sequential
+    with pytest.raises(ValueError, match=r"true_sequential=True.*batch_size=4"):
+        hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=True, batch_size=4)
     with pytest.raises(ValueError, match="Hub dataset name"):
         hf_babai.BabaiQuantizer(bits=4, dataset="wikitext2")
     q = hf_babai.BabaiQuantizer(bits=3, dataset="austen", desc_act=True, use_cuda_fp16=True)
