@@ -68,12 +68,12 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.method == "fp":
         rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
     else:
+        # calibration-schedule options, the same for every method (rtn ignores them: it runs no calibration)
+        schedule = {"true_sequential": args.true_sequential, "skip_first_tokens": args.skip_first_tokens}
         if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
             target = entropy_target(bits, args.group_size)
             method = "babai" if args.method == "hptq" else "rtn"
-            spec = QuantSpec(
-                method=method, order=args.order, format="hptq", target_bpw=target, true_sequential=args.true_sequential
-            )
+            spec = QuantSpec(method=method, order=args.order, format="hptq", target_bpw=target, **schedule)
             rec.update(group_size=None, target_bpw=target, order=args.order if method == "babai" else None)
         elif args.method == "ssqr":  # fixed-width inliers + sparse exact outliers at a given rate
             method = "babai"
@@ -83,7 +83,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 order=args.order,
                 format="ssqr",
                 outlier_rate=args.outlier_rate,
-                true_sequential=args.true_sequential,
+                **schedule,
             )
             rec.update(outlier_rate=args.outlier_rate, order=args.order)
         else:
@@ -97,8 +97,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 refine_sweeps=sweeps,
                 rescale=args.rescale if method == "babai" else None,
                 scale_method=args.scale_method if method == "babai" else None,
-                true_sequential=args.true_sequential,
-                skip_first_tokens=args.skip_first_tokens,
+                **schedule,
             )
             if method == "babai":  # what was used, defaults resolved
                 rec.update(scale_method=spec.scale_method, rescale=spec.rescale)
