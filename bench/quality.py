@@ -44,7 +44,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_babai.engine import QuantSpec, model_bits_per_weight, quantize_model
+    from hf_babai.engine import QuantSpec, model_bits_per_weight, quantize_model, uses_one_pass
     from hf_babai.perplexity import perplexity
 
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def run_one(args: argparse.Namespace) -> dict:
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
         rec["calib_batch"] = args.calib_batch
         if method == "babai":
-            rec["true_sequential"] = spec.true_sequential
+            rec["true_sequential"] = uses_one_pass(spec, int(calib.shape[0]), args.calib_batch)  # auto resolved
             if spec.skip_first_tokens:
                 rec["skip_first_tokens"] = spec.skip_first_tokens
         rec["seconds"] = time.perf_counter() - t0
@@ -176,8 +176,10 @@ def main() -> None:
     p.add_argument("--skip-first-tokens", type=int, default=0, help="leave each window's first tokens out of H")
     p.add_argument(
         "--true-sequential",
-        action="store_true",
-        help="hf_babai: one forward per block, downstream Hessians from quantized upstream outputs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hf_babai: one forward per block (downstream Hessians from quantized upstream outputs); "
+        "--no-true-sequential: two passes; default: the engine's auto rule",
     )
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
@@ -225,7 +227,7 @@ def main() -> None:
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
-        *(["--true-sequential"] if args.true_sequential else []),
+        *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),
         *(["--skip-first-tokens", str(args.skip_first_tokens)] if args.skip_first_tokens else []),
     ]
     if args.peer and not PEER_PY.exists():

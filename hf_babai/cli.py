@@ -308,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
     q.add_argument(
         "--true-sequential",
-        action="store_true",
-        help="one forward per block, downstream Hessians from quantized upstream outputs (faster; worse at 2 bits)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one forward per block, downstream Hessians from quantized upstream outputs (faster; worse at 2 bits); "
+        "--no-true-sequential: two passes; default: one pass at >= 3 bits, two at 2 bits",
     )
     q.add_argument(
         "--format",

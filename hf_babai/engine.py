@@ -6,7 +6,7 @@ forward pre-hook, and every block then runs on the cached activations (kept on C
 
 Two schedules, both with error propagation (each block sees the already-quantized model's outputs):
 
-- **two pass** (default, ``true_sequential=False``; llm-compressor's sequential pipeline): accumulate every
+- **two pass** (``true_sequential=False``; llm-compressor's sequential pipeline): accumulate every
   Hessian of the block over all calibration batches with the block's float weights, solve, swap, then re-run
   the block to propagate. Every sub-layer's Hessian sees clean in-block inputs.
 - **one pass** (``true_sequential=True``; needs the whole calibration set in one forward): a forward
@@ -17,9 +17,13 @@ Two schedules, both with error propagation (each block sees the already-quantize
   forward per block instead of a calibration pass plus a propagation pass. If a Linear runs twice in one
   forward, that block falls back to two passes (logged).
 
-Why two passes by default: measured on SmolLM2-135M (README), one pass saves a forward per block but its downstream
-Hessians come from already-quantized upstream outputs, which at 2 bits are so perturbed that ``o_proj`` and
-``down_proj`` are fitted to noise (2-bit g64 perplexity 213 vs 91 with two passes; 3-bit g64 27.4 vs 27.2).
+The default (``true_sequential=None``, "auto"; :func:`uses_one_pass`) is one pass for the int format at ≥ 3 bits
+when the calibration set fits one forward, else two passes. Why: measured (README, "Schedule"), the two agree
+within noise at 3 and 4 bits on SmolLM2-135M (five settings) and Qwen2.5-0.5B, and one pass saves a forward per
+block, the largest single cost on a CPU; but at 2 bits the downstream Hessians of one pass come from upstream
+outputs so perturbed that ``o_proj`` and ``down_proj`` are fitted to noise (SmolLM2 2-bit g64 perplexity 213 vs
+91 with two passes). The no-clipping formats (``hptq``, ``ssqr``) take llm-compressor's two passes, the
+conservative choice, since their schedules were not compared.
 
 Linears that read the same tensor (``q/k/v``, ``gate/up``) share one Hessian and one factorization.
 Memory: beside the model, one block's Hessians and the calibration activations (CPU) are alive; the
@@ -81,7 +85,7 @@ class QuantSpec:
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
     skip_first_tokens: int = 0  # research option: leave each window's first real tokens (attention sinks) out of H
-    true_sequential: bool = False  # one pass per block, downstream Hessians from quantized upstream (see top)
+    true_sequential: bool | None = None  # one pass per block (True), two (False), None: auto (uses_one_pass)
     format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
@@ -100,6 +104,8 @@ class QuantSpec:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:
             raise ValueError(f"order={self.order!r} is unknown; use one of {ORDERS}")
+        if self.true_sequential is not None and not isinstance(self.true_sequential, bool):
+            raise ValueError(f"true_sequential={self.true_sequential!r}: use True, False or None (auto)")
         if self.skip_first_tokens < 0:
             raise ValueError(f"skip_first_tokens={self.skip_first_tokens} must be >= 0")
         if not 0 <= self.damp < 1:
@@ -131,6 +137,19 @@ class QuantSpec:
             raise ValueError(f"scale_method={self.scale_method!r} is unknown; use one of {(*SCALE_METHODS, 'best')}")
         if self.rescale and (self.format != "int" or self.method != "babai"):
             raise ValueError("rescale applies to format='int' with method='babai' only")
+
+
+def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None) -> bool:
+    """Whether :func:`quantize_model` runs the one-pass schedule for ``spec`` on ``n_samples`` calibration
+    samples split into forwards of ``batch_size`` (``None``: all at once).
+
+    ``spec.true_sequential`` decides when set; ``None`` (auto) means one pass for the int format at ≥ 3 bits when
+    every sample fits one forward (as good as two passes there and one forward per block cheaper), two passes
+    otherwise (far better at 2 bits; see the module docstring)."""
+    if spec.true_sequential is not None:
+        return spec.true_sequential
+    whole = batch_size is None or batch_size >= n_samples
+    return spec.format == "int" and spec.bits >= 3 and whole
 
 
 @dataclass
@@ -516,6 +535,7 @@ def quantize_model(
         raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
     n = 0 if input_ids is None else input_ids.shape[0]
     bs = n if batch_size is None else batch_size
+    one_pass = spec.method != "rtn" and uses_one_pass(spec, n, batch_size)
     if spec.true_sequential and spec.method != "rtn" and bs < n:
         raise ValueError(
             f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
@@ -532,6 +552,8 @@ def quantize_model(
     if hmask is not None:
         masks = [hmask[i : i + bs] for i in range(0, n, bs)]
     tokens = int(hmask.sum()) if hmask is not None else n * (0 if input_ids is None else input_ids.shape[1])
+    if spec.method != "rtn":
+        log.info("schedule: %s per block", "one pass" if one_pass else "two passes")
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
     total_loss = 0.0
     for b in bar:
@@ -548,7 +570,7 @@ def quantize_model(
             continue
         bq = _BlockQuantizer(linears, spec)
         outputs = None
-        if spec.true_sequential:
+        if one_pass:
             try:
                 outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
                 for name, lin in linears.items():

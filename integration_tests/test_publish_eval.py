@@ -99,9 +99,10 @@ def test_optimum_style_api_equals_quantize_on_load(quantized):
         assert torch.equal(reloaded(quantized["ids"]).logits, ref)
     assert (quantized["tmp"] / "ckpt" / "quant_log.csv").read_text().count("\n") == 211
     # GPTQ options that would change the result are refused, harmless ones accepted
-    # GPTQ's true_sequential is passed on (hf_babai's default is False, the two-pass schedule)
+    # GPTQ's true_sequential is passed on (hf_babai's default is None, the engine's auto schedule)
     assert hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=True).config.true_sequential
-    assert not hf_babai.BabaiQuantizer(bits=4, dataset="austen").config.true_sequential
+    assert hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=False).config.true_sequential is False
+    assert hf_babai.BabaiQuantizer(bits=4, dataset="austen").config.true_sequential is None
     with pytest.raises(ValueError, match=r"true_sequential=True.*batch_size=4"):
         hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=True, batch_size=4)
     with pytest.raises(ValueError, match="Hub dataset name"):

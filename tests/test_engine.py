@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_babai.engine import QuantSpec, find_blocks, quantize_model
+from hf_babai.engine import QuantSpec, find_blocks, quantize_model, uses_one_pass
 from hf_babai.formats import BabaiLinear
 
 
@@ -54,8 +54,9 @@ def test_finds_blocks_and_quantizes_every_block_linear(tmp_path):
 
 def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():
     a, b = tiny_llama(), tiny_llama()
-    quantize_model(a, QuantSpec(bits=3, group_size=16), calib(), progress=False)
-    quantize_model(b, QuantSpec(bits=3, group_size=16), calib(), batch_size=2, progress=False)
+    spec = QuantSpec(bits=3, group_size=16, true_sequential=False)
+    quantize_model(a, spec, calib(), progress=False)
+    quantize_model(b, spec, calib(), batch_size=2, progress=False)
     ca, cb = codes_of(a), codes_of(b)
     flips = sum(int((ca[k] != cb[k]).sum()) for k in ca)
     assert flips <= 2  # only float-rounding ties of the summed Hessian may differ
@@ -64,7 +65,7 @@ def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():
 def test_one_pass_feeds_quantized_upstream_outputs_downstream():
     one, two = tiny_llama(), tiny_llama()
     quantize_model(one, QuantSpec(bits=3, group_size=16, true_sequential=True), calib(), progress=False)
-    quantize_model(two, QuantSpec(bits=3, group_size=16), calib(), progress=False)
+    quantize_model(two, QuantSpec(bits=3, group_size=16, true_sequential=False), calib(), progress=False)
     c1, c2 = codes_of(one), codes_of(two)
     # block 0's q/k/v and gate... see the same float input in both schedules
     for k in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
@@ -117,6 +118,33 @@ def test_skip_first_tokens_leaves_those_positions_out_of_the_hessians():
     c = tiny_llama()
     quantize_model(c, QuantSpec(bits=3, group_size=16), ids, progress=False)
     assert not torch.equal(codes_of(a)[name], codes_of(c)[name])
+
+
+@pytest.mark.parametrize(
+    ("spec", "batch_size", "one_pass"),
+    [
+        (QuantSpec(bits=3, group_size=16), None, True),  # auto: one pass at >= 3 bits ...
+        (QuantSpec(bits=4, group_size=16), 6, True),  # ... when one forward holds every sample
+        (QuantSpec(bits=3, group_size=16), 2, False),  # ... else two
+        (QuantSpec(bits=2, group_size=16), None, False),  # auto: two passes at 2 bits
+        (QuantSpec(bits=3, group_size=16, format="ssqr", outlier_rate=0.01), None, False),  # and for no-clipping
+        (QuantSpec(bits=2, group_size=16, true_sequential=True), None, True),  # explicit choices win
+        (QuantSpec(bits=4, group_size=16, true_sequential=False), None, False),
+    ],
+)
+def test_auto_schedule_runs_what_uses_one_pass_says(spec, batch_size, one_pass):
+    assert uses_one_pass(spec, 6, batch_size) is one_pass
+    auto = tiny_llama()
+    quantize_model(auto, spec, calib(), batch_size=batch_size, progress=False)
+    explicit = tiny_llama()
+    spec.true_sequential = one_pass
+    quantize_model(explicit, spec, calib(), batch_size=batch_size, progress=False)
+    other = tiny_llama()
+    spec.true_sequential = not one_pass
+    quantize_model(other, spec, calib(), progress=False)
+    name = "model.layers.0.self_attn.o_proj"  # the first sub-layer whose Hessian differs between the schedules
+    assert torch.equal(codes_of(auto)[name], codes_of(explicit)[name])
+    assert not torch.equal(codes_of(auto)[name], codes_of(other)[name])
 
 
 def test_true_sequential_refuses_split_calibration():

@@ -96,7 +96,9 @@ def test_config_true_sequential_reaches_the_engine_and_needs_one_batch():
     with pytest.raises(ValueError, match=r"true_sequential=True.*batch_size=8"):
         BabaiConfig(true_sequential=True, batch_size=8)
     assert BabaiConfig(true_sequential=True).spec().true_sequential
-    assert not BabaiConfig().spec().true_sequential  # two passes by default (README: far better at 2 bits)
+    assert BabaiConfig(true_sequential=False).spec().true_sequential is False
+    assert BabaiConfig().spec().true_sequential is None  # auto: one pass at >= 3 bits, two at 2 bits (engine)
+    assert BabaiConfig(batch_size=8).spec().true_sequential is None  # auto with split batches: two passes
 
 
 def test_config_rejects_unknown_fields():
