@@ -157,12 +157,12 @@ def main() -> None:
     p.add_argument(
         "--scale-method",
         choices=["mse", "hmse", "best", "minmax"],
-        help="babai: scale search (hmse weighs it by diag H); default hmse at >= 3 bits, mse at 2 bits and for rtn",
+        help="babai: scale search (hmse weighs it by diag H); default hmse per-channel at >= 3 bits, else mse",
     )
     p.add_argument(
         "--rescale",
         action=argparse.BooleanOptionalAction,
-        help="babai int format: refit the scales to the codes under H after the solve (default: on at >= 3 bits)",
+        help="babai int format: refit the scales to the codes under H after the solve (default: with hmse)",
     )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)

@@ -297,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-method",
         default=None,
         choices=["hmse", "mse", "best", "minmax"],
-        help="scale search; default hmse (weighted by diag H) for babai at >= 3 bits, else mse",
+        help="scale search; default hmse (weighted by diag H) for babai per-channel (--group-size -1) at >= 3 bits, "
+        "else mse",
     )
     q.add_argument(
         "--rescale",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="refit scales to the codes under H after the solve (default: on for babai --format int at >= 3 bits)",
+        help="refit scales to the codes under H after the solve (default: on where --scale-method defaults to hmse)",
     )
     q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
     q.add_argument(

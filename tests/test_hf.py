@@ -86,9 +86,14 @@ def test_config_refinement_options_need_a_babai_int_solve():
     spec = cfg.spec()
     assert (spec.scale_method, spec.rescale, spec.refine_sweeps) == ("hmse", True, 1)
     assert BabaiConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
-    # defaults are resolved into the config (so config.json records them): Hessian-aware at ≥ 3 bits only
-    assert (BabaiConfig(bits=3).scale_method, BabaiConfig(bits=3).rescale) == ("hmse", True)
-    assert (BabaiConfig(bits=2).scale_method, BabaiConfig(bits=2).rescale) == ("mse", False)
+    # defaults are resolved into the config (so config.json records them): Hessian-aware per-channel at ≥ 3 bits
+    pc3 = BabaiConfig(bits=3, group_size=-1)
+    assert (pc3.scale_method, pc3.rescale) == ("hmse", True)
+    assert (BabaiConfig(bits=3).scale_method, BabaiConfig(bits=3).rescale) == ("mse", False)
+    assert (BabaiConfig(bits=2, group_size=-1).scale_method, BabaiConfig(bits=2, group_size=-1).rescale) == (
+        "mse",
+        False,
+    )
     assert (BabaiConfig(method="rtn").scale_method, BabaiConfig(method="rtn").rescale) == ("mse", False)
 
 

@@ -135,9 +135,12 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     assert not torch.equal(mod.scales, ref.scales)  # the refitted scales are what the module stores
     with pytest.raises(ValueError, match="rescale"):
         QuantSpec(method="rtn", rescale=True)
-    # the defaults: hmse scales and the refit for a Babai int solve; weight-only mse and no refit otherwise
-    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("hmse", True)
-    assert (QuantSpec(bits=2).scale_method, QuantSpec(bits=2).rescale) == ("mse", False)
+    # the defaults: hmse scales and the refit for a per-channel Babai int solve at >= 3 bits; GPTQ's otherwise
+    assert (QuantSpec(group_size=-1).scale_method, QuantSpec(group_size=-1).rescale) == ("hmse", True)
+    assert (QuantSpec(bits=3, group_size=-1).scale_method, QuantSpec(bits=3, group_size=-1).rescale) == ("hmse", True)
+    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("mse", False)  # group 128
+    assert (QuantSpec(bits=3, group_size=64).scale_method, QuantSpec(bits=3, group_size=64).rescale) == ("mse", False)
+    assert (QuantSpec(bits=2, group_size=-1).scale_method, QuantSpec(bits=2, group_size=-1).rescale) == ("mse", False)
     assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
     hptq = QuantSpec(format="hptq", target_bpw=3.0)
     assert (hptq.scale_method, hptq.rescale) == ("mse", False)

@@ -46,11 +46,11 @@ class BabaiConfig(QuantizationConfigMixin):
         scale_method: ``"hmse"`` (shrink search weighted by each input's ``diag H``; needs ``method="babai"``),
             ``"mse"`` (the same search on the weights alone, GPTQ's), ``"best"`` (both solved, the lower proxy
             loss kept per layer; twice the solve time) or ``"minmax"``. Default: ``"hmse"`` for
-            ``method="babai"`` with ``format="int"`` at 3 bits or more, else ``"mse"`` (at 2 bits the Hessian-aware
-            scales lost in the README measurements).
+            ``method="babai"`` with ``format="int"``, per-channel scales (``group_size=-1``) and 3 bits or more, else
+            ``"mse"`` (``engine.default_scale_options`` says why, with the README measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
-            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; the default there
-            at 3 bits or more.
+            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; on by default
+            where ``scale_method`` defaults to ``"hmse"``.
         refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
             Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
         damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
@@ -117,7 +117,7 @@ class BabaiConfig(QuantizationConfigMixin):
             )
         self.quant_method = QUANT_METHOD
         # resolved here so config.json records what was used (bad bits/method/format are reported by post_init)
-        default_scale_method, default_rescale = default_scale_options(method, format, bits)
+        default_scale_method, default_rescale = default_scale_options(method, format, bits, group_size)
         if scale_method is None:
             scale_method = default_scale_method
         if rescale is None:

@@ -28,8 +28,8 @@ from .quantizer import BabaiHfQuantizer
 
 log = logging.getLogger(__name__)
 
-# GPTQQuantizer options that do not change hf_babai's result (it always runs true-sequential, caches block
-# outputs, and runs the torch/Triton kernels of its own format).
+# GPTQQuantizer options that do not change hf_babai's result (it caches block outputs and runs the torch/Triton
+# kernels of its own format whatever they say).
 _HARMLESS = {
     "use_cuda_fp16",
     "cache_block_outputs",
