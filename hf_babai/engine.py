@@ -72,7 +72,8 @@ def default_scale_options(method: str, format: str, bits: int, group_size: int) 
     44.7, also with the first token left out of H: 47.5) — so grouped grids keep the scales the GPTQ peers use;
     at 2 bits the lower proxy loss they reach stopped predicting perplexity (SmolLM2 g64: 510 vs 213). Open: on
     Qwen2.5-0.5B 3-bit per-channel this default gave 55.5 against GPTQ-style scales' 47.0 (llm-compressor 48.9):
-    kept here because the SmolLM2 failure it prevents is larger (3.3×), to be replaced by a per-layer choice.
+    kept here because the SmolLM2 failure it prevents is larger (3.3×), to be replaced by a per-layer choice
+    (SmolLM2 3-bit g128 shows the same failure under this rule: 32.9 with GPTQ's scales, 28.7 with hmse + refit).
     """
     hess = (
         method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2 and group_size == -1
