@@ -75,9 +75,9 @@ def default_scale_options(method: str, format: str, bits: int, group_size: int) 
     kept here because the SmolLM2 failure it prevents is larger (3.3×), to be replaced by a per-layer choice
     (SmolLM2 3-bit g128 shows the same failure under this rule: 32.9 with GPTQ's scales, 28.7 with hmse + refit).
     """
-    hess = (
-        method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2 and group_size == -1
-    )  # bad bits: Grid reports
+    # unsupported bits fall through to "mse" here; Grid reports them
+    per_channel = group_size == -1
+    hess = method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2 and per_channel
     return ("hmse" if hess else "mse"), hess
 
 

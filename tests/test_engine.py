@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,11 +138,9 @@ def test_auto_schedule_runs_what_uses_one_pass_says(spec, batch_size, one_pass):
     auto = tiny_llama()
     quantize_model(auto, spec, calib(), batch_size=batch_size, progress=False)
     explicit = tiny_llama()
-    spec.true_sequential = one_pass
-    quantize_model(explicit, spec, calib(), batch_size=batch_size, progress=False)
+    quantize_model(explicit, replace(spec, true_sequential=one_pass), calib(), batch_size=batch_size, progress=False)
     other = tiny_llama()
-    spec.true_sequential = not one_pass
-    quantize_model(other, spec, calib(), progress=False)
+    quantize_model(other, replace(spec, true_sequential=not one_pass), calib(), progress=False)
     name = "model.layers.0.self_attn.o_proj"  # the first sub-layer whose Hessian differs between the schedules
     assert torch.equal(codes_of(auto)[name], codes_of(explicit)[name])
     assert not torch.equal(codes_of(auto)[name], codes_of(other)[name])
