@@ -117,6 +117,9 @@ def run_one(args: argparse.Namespace) -> dict:
         rec["loss"] = sum(s["loss"] for s in stats) if method == "babai" else None
         rec["bound"] = sum(s["bound"] for s in stats) if method == "babai" else None
         rec["clipped_frac"] = sum(s["clipped"] for s in stats) / sum(s["weights"] for s in stats)
+        if method == "babai" and spec.format == "int":  # which search each layer kept (scale_method auto/best)
+            kept = [str(s["scales"]) for s in stats]
+            rec["scales_kept"] = {k: kept.count(k) for k in sorted(set(kept))}
     for m in model.modules():  # decode entropy-coded weights once for the evaluation (same numbers, faster)
         if hasattr(m, "cache_dense"):
             m.cache_dense = True
@@ -156,13 +159,13 @@ def main() -> None:
     )
     p.add_argument(
         "--scale-method",
-        choices=["mse", "hmse", "best", "minmax"],
-        help="babai: scale search (hmse weighs it by diag H); default hmse per-channel at >= 3 bits, else mse",
+        choices=["auto", "mse", "hmse", "best", "minmax"],
+        help="babai: scale search (hmse weighs it by diag H); default auto at >= 3 bits (engine.default_scale_options)",
     )
     p.add_argument(
         "--rescale",
         action=argparse.BooleanOptionalAction,
-        help="babai int format: refit the scales to the codes under H after the solve (default: with hmse)",
+        help="babai int format: refit the scales to the codes under H after the solve (default off)",
     )
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)

@@ -296,15 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument(
         "--scale-method",
         default=None,
-        choices=["hmse", "mse", "best", "minmax"],
-        help="scale search; default hmse (weighted by diag H) for babai per-channel (--group-size -1) at >= 3 bits, "
-        "else mse",
+        choices=["auto", "mse", "hmse", "best", "minmax"],
+        help="scale search; default auto for babai at >= 3 bits (GPTQ's mse, plus a second solve with hmse + refit "
+        "on layers whose error breaks Babai's no-clipping bound, the lower loss kept), else mse",
     )
     q.add_argument(
         "--rescale",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="refit scales to the codes under H after the solve (default: on where --scale-method defaults to hmse)",
+        help="refit scales to the codes under H after the solve (default off; auto refits its second solve anyway)",
     )
     q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
     q.add_argument(

@@ -38,7 +38,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,21 +64,26 @@ FORMATS = ("int", "hptq", "ssqr")
 def default_scale_options(method: str, format: str, bits: int, group_size: int) -> tuple[str, bool]:
     """``(scale_method, rescale)`` when the user leaves them unset (``QuantSpec`` and ``BabaiConfig`` both ask).
 
-    Hessian-aware scales (``"hmse"`` + refit) for a Babai int solve with **per-channel** scales at ≥ 3 bits, GPTQ's
-    weight-only MSE scales otherwise. Why (README, Benchmarks): one per-channel scale spans every input column,
-    including the few that carry massive activations, and a weight-only search clips exactly those weights
-    (SmolLM2 3-bit per-channel: 99.2 → 29.9 perplexity, llm-compressor 87.8). With groups of ≤ 128 columns the
-    evidence is split — better on SmolLM2 g64 (3-bit 28.6 → 27.4) but worse on Qwen2.5-0.5B g128 (3-bit 42.3 →
-    44.7, also with the first token left out of H: 47.5) — so grouped grids keep the scales the GPTQ peers use;
-    at 2 bits the lower proxy loss they reach stopped predicting perplexity (SmolLM2 g64: 510 vs 213). Open: on
-    Qwen2.5-0.5B 3-bit per-channel this default gave 55.5 against GPTQ-style scales' 47.0 (llm-compressor 48.9):
-    kept here because the SmolLM2 failure it prevents is larger (3.3×), to be replaced by a per-layer choice
-    (SmolLM2 3-bit g128 shows the same failure under this rule: 32.9 with GPTQ's scales, 28.7 with hmse + refit).
+    ``"auto"`` for a Babai int solve at ≥ 3 bits: GPTQ's weight-only MSE scales, and per layer, where that solve's
+    error exceeds Babai's no-clipping worst case (:data:`AUTO_SCALES`), a second solve with Hessian-aware scales
+    (``"hmse"`` + refit), the lower proxy loss kept. Why (README, Benchmarks): neither rule wins alone. A
+    weight-only search can clip the few weights on inputs that carry massive activations (SmolLM2 3-bit
+    per-channel: 99.2 perplexity, one down_proj holds 563k of 579k loss; llm-compressor 87.8), while Hessian-aware
+    scales everywhere lose where nothing failed (Qwen2.5-0.5B 3-bit per-channel 55.5 vs 47.0, g128 44.7 vs
+    42.3). The bound test picks out exactly the failing layers (5 of 210 on SmolLM2 3-bit per-channel, 2 at g128)
+    and costs a second solve only there. ``"mse"`` (GPTQ's) elsewhere: ``method="rtn"`` has no ``H``, the other
+    formats choose their own scales, and at 2 bits clipping is the norm (the bound test would fire everywhere).
     """
     # unsupported bits fall through to "mse" here; Grid reports them
-    per_channel = group_size == -1
-    hess = method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2 and per_channel
-    return ("hmse" if hess else "mse"), hess
+    auto = method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2
+    return ("auto" if auto else "mse"), False
+
+
+AUTO_SCALES = ("mse", "hmse")
+"""``scale_method="auto"``: the first search is solved; the second (with the scale refit) only when the first
+solve's damped loss exceeds its Babai bound ``¼ Σ D_jj s_j²``, which without clipping it never can (the bound
+is Babai's worst case; ``babai.py``), so clipping has cost more than all of the rounding it saved."""
+ENGINE_SCALE_METHODS = (*SCALE_METHODS, "best", "auto")
 
 
 @dataclass
@@ -90,7 +95,7 @@ class QuantSpec:
     sym: bool = True
     method: str = "babai"
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
-    scale_method: str | None = None  # None: "hmse" for a per-channel Babai int solve at ≥ 3 bits, else "mse"
+    scale_method: str | None = None  # None: "auto" for a Babai int solve at ≥ 3 bits, else "mse"
     damp: float = 0.01
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
@@ -101,7 +106,7 @@ class QuantSpec:
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
     refine_sweeps: int = 0  # int format: coordinate-descent sweeps after Babai (solver/refine.py); 0 = Babai only
     rescale: bool | None = None  # refit the scales to the codes under H after the solve (solver/refine.py);
-    # None: on where scale_method defaults to "hmse" (default_scale_options), off otherwise
+    # None: off ("auto" refits its second solve itself)
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
@@ -139,14 +144,17 @@ class QuantSpec:
             raise ValueError("outlier_rate applies to format='ssqr' only")
         if self.refine_sweeps < 0 or (self.refine_sweeps and (self.format != "int" or self.method != "babai")):
             raise ValueError("refine_sweeps must be ≥ 0 and applies to format='int' with method='babai' only")
-        if self.scale_method in ("hmse", "best") and self.method != "babai":
+        if self.scale_method in ("hmse", "best", "auto") and self.method != "babai":
             raise ValueError(
                 f"scale_method={self.scale_method!r} weighs the search by diag H; method='rtn' has none: use 'mse'"
             )
-        if self.scale_method == "best" and self.format != "int":
-            raise ValueError("scale_method='best' (two solves, the lower loss kept) applies to format='int' only")
-        if self.scale_method not in (*SCALE_METHODS, "best"):
-            raise ValueError(f"scale_method={self.scale_method!r} is unknown; use one of {(*SCALE_METHODS, 'best')}")
+        if self.scale_method in ("best", "auto") and self.format != "int":
+            raise ValueError(
+                f"scale_method={self.scale_method!r} (a second solve, the lower loss kept) applies to format='int' "
+                "only; use 'mse' or 'hmse'"
+            )
+        if self.scale_method not in ENGINE_SCALE_METHODS:
+            raise ValueError(f"scale_method={self.scale_method!r} is unknown; use one of {ENGINE_SCALE_METHODS}")
         if self.rescale and (self.format != "int" or self.method != "babai"):
             raise ValueError("rescale applies to format='int' with method='babai' only")
 
@@ -360,21 +368,36 @@ class _BlockQuantizer:
                 w, factor, spec.grid, spec.outlier_rate, scale_method=spec.scale_method, block_size=spec.block_size
             )
         else:
-            # "best": solve with both searches and keep the layer's lower proxy loss (every candidate is a full,
-            # exact solve, so its stats stay those of a real run)
-            methods = ("hmse", "mse") if spec.scale_method == "best" else (spec.scale_method,)
-            h = acc.finalize() if spec.refine_sweeps or spec.rescale else None
-            res = None
-            for m in methods:
-                cand = babai_quantize(w, factor, spec.grid, scale_method=m, block_size=spec.block_size)
-                if h is not None:
-                    cand = refine_result(
-                        w, h, factor.damping, cand, spec.grid, spec.refine_sweeps, rescale=spec.rescale
-                    )
-                if res is None or cand.stats.loss < res.stats.loss:
-                    res = cand
+            res = self._solve_int(w, factor, acc)
         self.results[name] = res
         return res
+
+    def _solve_int(self, w: torch.Tensor, factor: HessianFactor, acc: HessianAccumulator) -> QuantResult:
+        """The int-format solve under ``spec.scale_method``; ``stats.scales`` records the search that was kept.
+
+        ``"best"`` and ``"auto"`` return the candidate with the lower proxy loss; each candidate is a full,
+        exact solve, so the kept stats are those of a real run."""
+        spec = self.spec
+
+        def run(method: str, rescale: bool) -> tuple[QuantResult, QuantResult]:
+            babai = babai_quantize(w, factor, spec.grid, scale_method=method, block_size=spec.block_size)
+            res = babai
+            if spec.refine_sweeps or rescale:  # H itself only here: a [K, K] float64 copy per call
+                h = acc.finalize()
+                res = refine_result(w, h, factor.damping, babai, spec.grid, spec.refine_sweeps, rescale=rescale)
+            label = method + ("+refit" if rescale else "")
+            return replace(res, stats=replace(res.stats, scales=label)), babai
+
+        if spec.scale_method == "best":
+            cands = [run(m, spec.rescale)[0] for m in ("hmse", "mse")]
+        elif spec.scale_method == "auto":
+            first, babai = run(AUTO_SCALES[0], spec.rescale)
+            cands = [first]
+            if babai.stats.loss_damped > babai.stats.bound:  # clipping broke Babai's no-clipping worst case
+                cands.append(run(AUTO_SCALES[1], True)[0])
+        else:
+            cands = [run(spec.scale_method, spec.rescale)[0]]
+        return min(cands, key=lambda r: r.stats.loss)  # first wins ties
 
 
 def _rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult | EntropyResult:

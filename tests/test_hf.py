@@ -86,15 +86,17 @@ def test_config_refinement_options_need_a_babai_int_solve():
     spec = cfg.spec()
     assert (spec.scale_method, spec.rescale, spec.refine_sweeps) == ("hmse", True, 1)
     assert BabaiConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
-    # defaults are resolved into the config (so config.json records them): Hessian-aware per-channel at ≥ 3 bits
-    pc3 = BabaiConfig(bits=3, group_size=-1)
-    assert (pc3.scale_method, pc3.rescale) == ("hmse", True)
-    assert (BabaiConfig(bits=3).scale_method, BabaiConfig(bits=3).rescale) == ("mse", False)
+    # defaults are resolved into the config (so config.json records them): "auto" for a Babai int solve at ≥ 3 bits
+    for kw in ({"bits": 3, "group_size": -1}, {"bits": 3}, {"bits": 4, "group_size": 64}):
+        assert (BabaiConfig(**kw).scale_method, BabaiConfig(**kw).rescale) == ("auto", False), kw
+        assert BabaiConfig(**kw).spec().scale_method == "auto"
     assert (BabaiConfig(bits=2, group_size=-1).scale_method, BabaiConfig(bits=2, group_size=-1).rescale) == (
         "mse",
         False,
     )
     assert (BabaiConfig(method="rtn").scale_method, BabaiConfig(method="rtn").rescale) == ("mse", False)
+    with pytest.raises(ValueError, match=r"'auto'.*method='rtn'"):
+        BabaiConfig(method="rtn", scale_method="auto")
 
 
 def test_config_true_sequential_reaches_the_engine_and_needs_one_batch():

@@ -135,15 +135,56 @@ def test_rescale_option_lowers_the_loss_and_the_module_stores_the_new_scales(gro
     assert not torch.equal(mod.scales, ref.scales)  # the refitted scales are what the module stores
     with pytest.raises(ValueError, match="rescale"):
         QuantSpec(method="rtn", rescale=True)
-    # the defaults: hmse scales and the refit for a per-channel Babai int solve at >= 3 bits; GPTQ's otherwise
-    assert (QuantSpec(group_size=-1).scale_method, QuantSpec(group_size=-1).rescale) == ("hmse", True)
-    assert (QuantSpec(bits=3, group_size=-1).scale_method, QuantSpec(bits=3, group_size=-1).rescale) == ("hmse", True)
-    assert (QuantSpec().scale_method, QuantSpec().rescale) == ("mse", False)  # group 128
-    assert (QuantSpec(bits=3, group_size=64).scale_method, QuantSpec(bits=3, group_size=64).rescale) == ("mse", False)
+    # the defaults: "auto" (GPTQ's mse, a second hmse + refit solve where the bound breaks) for a Babai int
+    # solve at >= 3 bits, plain mse otherwise; the refit itself is off unless asked for
+    for kw in ({}, {"group_size": -1}, {"bits": 3, "group_size": 64}, {"bits": 8, "group_size": -1}):
+        assert (QuantSpec(**kw).scale_method, QuantSpec(**kw).rescale) == ("auto", False), kw
     assert (QuantSpec(bits=2, group_size=-1).scale_method, QuantSpec(bits=2, group_size=-1).rescale) == ("mse", False)
     assert (QuantSpec(method="rtn").scale_method, QuantSpec(method="rtn").rescale) == ("mse", False)
     hptq = QuantSpec(format="hptq", target_bpw=3.0)
     assert (hptq.scale_method, hptq.rescale) == ("mse", False)
+
+
+def _solve_one(w: torch.Tensor, x: torch.Tensor, **spec):
+    """One Linear solved by the engine's block quantizer on inputs ``x`` (what quantize_model runs per layer)."""
+    from torch import nn
+
+    from hf_babai.engine import _BlockQuantizer
+
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    bq = _BlockQuantizer({"l": lin}, QuantSpec(**spec))
+    bq.accumulate("l", x, None)
+    return bq.solve("l")
+
+
+@pytest.mark.parametrize("group", [-1, 32])
+def test_auto_scales_solve_again_only_where_clipping_broke_the_babai_bound(group):
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 96
+    x = torch.randn(1024, k, generator=g) @ (0.3 * torch.randn(k, k, generator=g) + torch.eye(k))
+    w = 0.02 * torch.randn(n, k, generator=g)
+    # an ordinary layer: GPTQ's scales stay within Babai's bound, so "auto" is exactly "mse" (same codes)
+    auto, mse = (
+        _solve_one(w, x, bits=3, group_size=group),
+        _solve_one(w, x, bits=3, group_size=group, scale_method="mse"),
+    )
+    assert auto.stats.loss_damped <= auto.stats.bound and auto.stats.scales == "mse"
+    assert torch.equal(auto.codes, mse.codes) and torch.equal(auto.scales, mse.scales)
+    # input 5 carries massive activations and every row has a large weight there: the weight-only search clips
+    # exactly those weights, the loss breaks the bound, and the second (hmse + refit) solve is kept
+    x[:, 5] *= 40
+    w[:, 5] = 0.08 * torch.sign(torch.randn(n, generator=g))
+    auto = _solve_one(w, x, bits=3, group_size=group)
+    mse = _solve_one(w, x, bits=3, group_size=group, scale_method="mse")
+    hess = _solve_one(w, x, bits=3, group_size=group, scale_method="hmse", rescale=True)
+    assert mse.stats.loss_damped > mse.stats.bound and mse.stats.scales == "mse"
+    assert auto.stats.scales == "hmse+refit" and torch.equal(auto.codes, hess.codes)
+    assert auto.stats.loss == hess.stats.loss < mse.stats.loss / 5
+    with pytest.raises(ValueError, match=r"'auto'.*format='int'"):
+        QuantSpec(format="ssqr", outlier_rate=0.01, scale_method="auto")
+    with pytest.raises(ValueError, match=r"'auto'.*method='rtn'"):
+        QuantSpec(method="rtn", scale_method="auto")
 
 
 def test_best_scale_method_keeps_the_lower_loss_of_both_searches():

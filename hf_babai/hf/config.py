@@ -30,7 +30,8 @@ from ..solver.ordering import ORDERS
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
 BUILTIN_DATASETS = ("austen",)
-SCALE_METHODS = (*GRID_SCALE_METHODS, "best")  # "best": both searches solved, the lower proxy loss kept per layer
+# "best": both searches solved, the lower proxy loss kept per layer; "auto": see engine.default_scale_options
+SCALE_METHODS = (*GRID_SCALE_METHODS, "best", "auto")
 
 
 class BabaiConfig(QuantizationConfigMixin):
@@ -43,14 +44,16 @@ class BabaiConfig(QuantizationConfigMixin):
         order: Babai order: ``"act-order"`` (default; best measured, see the README benchmarks), ``"min-pivot"``
             (the paper's pivoted LDL) or ``"natural"``.
         method: ``"babai"`` (nearest-plane with calibration) or ``"rtn"`` (round to nearest, no data).
-        scale_method: ``"hmse"`` (shrink search weighted by each input's ``diag H``; needs ``method="babai"``),
-            ``"mse"`` (the same search on the weights alone, GPTQ's), ``"best"`` (both solved, the lower proxy
-            loss kept per layer; twice the solve time) or ``"minmax"``. Default: ``"hmse"`` for
-            ``method="babai"`` with ``format="int"``, per-channel scales (``group_size=-1``) and 3 bits or more, else
-            ``"mse"`` (``engine.default_scale_options`` says why, with the README measurements).
+        scale_method: ``"mse"`` (shrink search on the weights alone, GPTQ's), ``"hmse"`` (the same search weighted
+            by each input's ``diag H``; needs ``method="babai"``), ``"auto"`` (``"mse"``, and per layer where that
+            solve's error exceeds Babai's no-clipping bound a second solve with ``"hmse"`` + refit, the lower proxy
+            loss kept), ``"best"`` (``"hmse"`` and ``"mse"`` both solved for every layer, the lower loss kept;
+            twice the solve time) or ``"minmax"``. Default: ``"auto"`` for ``method="babai"`` with
+            ``format="int"`` at 3 bits or more, else ``"mse"`` (``engine.default_scale_options`` says why, with
+            the README measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
-            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; on by default
-            where ``scale_method`` defaults to ``"hmse"``.
+            kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; off by default
+            (``"auto"`` refits its second solve regardless).
         refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
             Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
         damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
@@ -205,10 +208,10 @@ class BabaiConfig(QuantizationConfigMixin):
                 raise bad("method", "format='ssqr' tunes its scales on the Babai solve: use method='babai'")
         elif self.outlier_rate is not None:
             raise ValueError("BabaiConfig: outlier_rate applies to format='ssqr' only; leave it unset")
-        if self.scale_method in ("hmse", "best") and self.method != "babai":
-            raise bad("scale_method", "'hmse'/'best' weigh the search by diag H, which method='rtn' has not: use 'mse'")
-        if self.scale_method == "best" and self.format != "int":
-            raise bad("scale_method", "'best' (two solves, the lower loss kept) applies to format='int' only")
+        if self.scale_method in ("hmse", "best", "auto") and self.method != "babai":
+            raise bad("scale_method", f"{self.scale_method!r} uses diag H, which method='rtn' has not: use 'mse'")
+        if self.scale_method in ("best", "auto") and self.format != "int":
+            raise bad("scale_method", f"{self.scale_method!r} (a second solve, lower loss kept) is for format='int'")
         if not isinstance(self.rescale, bool):
             raise bad("rescale", "use True or False")
         if not is_int(self.refine_sweeps) or self.refine_sweeps < 0:

@@ -86,6 +86,7 @@ class LayerStats:
     seconds: float
     outliers: int = 0  # SSQR: codes that overflowed the grid and were kept exactly as sparse outliers
     loss_babai: float = float("nan")  # loss of Babai's point when a refinement step followed (refine.py)
+    scales: str = ""  # the scale search behind the codes, set by the engine (e.g. "mse", "hmse+refit")
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
