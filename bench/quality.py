@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument(
         "--scale-method",
         choices=["auto", "mse", "hmse", "best", "minmax"],
-        help="babai: scale search (hmse weighs it by diag H); default auto at >= 3 bits (engine.default_scale_options)",
+        help="babai: scale search (hmse weighs it by diag H); default auto at >= 3 bits (engine.default_scale_method)",
     )
     p.add_argument(
         "--rescale",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gc
 import logging
 import time
@@ -61,8 +62,9 @@ METHODS = ("babai", "rtn")
 FORMATS = ("int", "hptq", "ssqr")
 
 
-def default_scale_options(method: str, format: str, bits: int, group_size: int) -> tuple[str, bool]:
-    """``(scale_method, rescale)`` when the user leaves them unset (``QuantSpec`` and ``BabaiConfig`` both ask).
+def default_scale_method(method: str, format: str, bits: int) -> str:
+    """``scale_method`` when the user leaves it unset (``QuantSpec`` and ``BabaiConfig`` both ask; ``rescale``
+    then defaults to off, since ``"auto"`` refits its second solve itself).
 
     ``"auto"`` for a Babai int solve at ≥ 3 bits: GPTQ's weight-only MSE scales, and per layer, where that solve's
     error exceeds Babai's no-clipping worst case (:data:`AUTO_SCALES`), a second solve with Hessian-aware scales
@@ -77,7 +79,7 @@ def default_scale_options(method: str, format: str, bits: int, group_size: int) 
     """
     # unsupported bits fall through to "mse" here; Grid reports them
     auto = method == "babai" and format == "int" and bits in SUPPORTED_BITS and bits != 2
-    return ("auto" if auto else "mse"), False
+    return "auto" if auto else "mse"
 
 
 AUTO_SCALES = ("mse", "hmse")
@@ -111,13 +113,10 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         self.grid = Grid(self.bits, self.sym, self.group_size)
-        default_scale_method, default_rescale = default_scale_options(
-            self.method, self.format, self.bits, self.group_size
-        )
         if self.scale_method is None:
-            self.scale_method = default_scale_method
+            self.scale_method = default_scale_method(self.method, self.format, self.bits)
         if self.rescale is None:
-            self.rescale = default_rescale
+            self.rescale = False
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; use one of {METHODS}")
         if self.order not in ORDERS:
@@ -379,13 +378,13 @@ class _BlockQuantizer:
         ``"best"`` and ``"auto"`` return the candidate with the lower proxy loss; each candidate is a full,
         exact solve, so the kept stats are those of a real run."""
         spec = self.spec
+        hessian = functools.cache(acc.finalize)  # a [K, K] float64 copy: made once, and only if a refinement runs
 
         def run(method: str, rescale: bool) -> tuple[QuantResult, QuantResult]:
             babai = babai_quantize(w, factor, spec.grid, scale_method=method, block_size=spec.block_size)
             res = babai
-            if spec.refine_sweeps or rescale:  # H itself only here: a [K, K] float64 copy per call
-                h = acc.finalize()
-                res = refine_result(w, h, factor.damping, babai, spec.grid, spec.refine_sweeps, rescale=rescale)
+            if spec.refine_sweeps or rescale:
+                res = refine_result(w, hessian(), factor.damping, babai, spec.grid, spec.refine_sweeps, rescale=rescale)
             label = method + ("+refit" if rescale else "")
             return replace(res, stats=replace(res.stats, scales=label)), babai
 

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..engine import FORMATS, METHODS, QuantSpec, default_scale_options
-from ..solver.grid import SCALE_METHODS as GRID_SCALE_METHODS
+from ..engine import ENGINE_SCALE_METHODS as SCALE_METHODS
+from ..engine import FORMATS, METHODS, QuantSpec, default_scale_method
 from ..solver.grid import SUPPORTED_BITS
 from ..solver.ordering import ORDERS
 
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
 BUILTIN_DATASETS = ("austen",)
-# "best": both searches solved, the lower proxy loss kept per layer; "auto": see engine.default_scale_options
-SCALE_METHODS = (*GRID_SCALE_METHODS, "best", "auto")
 
 
 class BabaiConfig(QuantizationConfigMixin):
@@ -49,7 +47,7 @@ class BabaiConfig(QuantizationConfigMixin):
             solve's error exceeds Babai's no-clipping bound a second solve with ``"hmse"`` + refit, the lower proxy
             loss kept), ``"best"`` (``"hmse"`` and ``"mse"`` both solved for every layer, the lower loss kept;
             twice the solve time) or ``"minmax"``. Default: ``"auto"`` for ``method="babai"`` with
-            ``format="int"`` at 3 bits or more, else ``"mse"`` (``engine.default_scale_options`` says why, with
+            ``format="int"`` at 3 bits or more, else ``"mse"`` (``engine.default_scale_method`` says why, with
             the README measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
             kept per row only where it lowers the loss); ``format="int"``, ``method="babai"`` only; off by default
@@ -120,11 +118,10 @@ class BabaiConfig(QuantizationConfigMixin):
             )
         self.quant_method = QUANT_METHOD
         # resolved here so config.json records what was used (bad bits/method/format are reported by post_init)
-        default_scale_method, default_rescale = default_scale_options(method, format, bits, group_size)
         if scale_method is None:
-            scale_method = default_scale_method
+            scale_method = default_scale_method(method, format, bits)
         if rescale is None:
-            rescale = default_rescale
+            rescale = False
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
