@@ -4,12 +4,14 @@ Captures the real input Hessians of two layers of block 3 (q_proj, down_proj) fr
 our MSE scales and our act-order Babai codes (3-bit per-channel, the setting where the end-to-end perplexities
 differ most), then runs llm-compressor's own ``quantize_weight`` and its ``memoryless_mse`` observer on the same
 W and H in the peer's virtual environment, and prints how far apart the codes, proxy losses and scales are.
+``--bits`` / ``--group-size`` pick another grid (groups use llm-compressor's ``strategy="group"``).
 
-    .venv/bin/python bench/peer_equivalence.py
+    .venv/bin/python bench/peer_equivalence.py [--bits 3 --group-size 64]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -27,18 +29,21 @@ from llmcompressor.observers.base import Observer
 d = torch.load(sys.argv[1])
 out = {}
 for name, v in d.items():
-    W, H, s = v["W"], v["H"].float(), v["scale"].float()
-    qa = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="channel", actorder="static",
+    W, H, s, bits, g = v["W"], v["H"].float(), v["scale"].float(), v["bits"], v["group_size"]
+    grouped = dict(strategy="group", group_size=g) if g > 0 else dict(strategy="channel")
+    qa = QuantizationArgs(num_bits=bits, type="int", symmetric=True, actorder="static", **grouped,
                           observer="memoryless_mse",
                           observer_kwargs={"maxshrink": 0.8, "grid": 100.0, "norm": 2.4, "patience": 80})
     zp = torch.zeros_like(s, dtype=torch.int8)
     Q, _, fallback = quantize_weight(W[None].clone(), H[None].clone(), s[None], zp[None], None, qa, 128, 0.01)
-    codes = torch.round(Q[0] / s).long() + 4
+    s_cols = s.repeat_interleave(g, dim=1)[:, : W.shape[1]] if g > 0 else s.reshape(-1, 1)
+    half = 2 ** (bits - 1)
+    codes = torch.round(Q[0] / s_cols).long() + half
     obs = Observer.load_from_registry("memoryless_mse", base_name="weight", args=qa)
     obs(W)
     ps = obs.get_qparams()["scale"].reshape(-1).float()
     rel = (ps - s.reshape(-1)).abs() / s.reshape(-1)
-    dW = s.double() * (codes.double() - 4) - W.double()
+    dW = s_cols.double() * (codes.double() - half) - W.double()
     out[name] = {
         "code_mismatch": (codes != v["codes"].long()).float().mean().item(),
         "peer_loss": torch.einsum("nk,kl,nl->", dW, v["H"], dW).item(),
@@ -59,6 +64,10 @@ def main() -> None:
     from hf_babai.solver import Grid, HessianAccumulator, babai_quantize, factor_hessian
     from hf_babai.solver.grid import compute_scales
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=-1, help="-1 = per-channel")
+    args = ap.parse_args()
     if not PEER_PY.exists():
         sys.exit(f"needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
     path = assets.ensure_model("smollm2-135m")
@@ -77,13 +86,14 @@ def main() -> None:
             model(calib[i : i + 1])
     for h in hooks:
         h.remove()
-    grid = Grid(bits=3, sym=True, group_size=-1)
+    grid = Grid(bits=args.bits, sym=True, group_size=args.group_size)
     dump, ours = {}, {}
     for name, lin in targets.items():
         w, h = lin.weight.detach().float(), accs[name].finalize()
         scales = compute_scales(w, grid, "mse")
         res = babai_quantize(w, factor_hessian(h, "act-order"), grid, scales=scales, dtype=torch.float64)
-        dump[name] = {"W": w, "H": h, "scale": scales[0], "codes": res.codes}
+        grid_args = {"bits": args.bits, "group_size": args.group_size}
+        dump[name] = {"W": w, "H": h, "scale": scales[0], "codes": res.codes, **grid_args}
         ours[name] = res.stats.loss
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(dump, Path(tmp) / "layers.pt")
@@ -93,7 +103,8 @@ def main() -> None:
         sys.exit(proc.stderr[-3000:])
     peer = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in targets:
-        rec = {"layer": name, "bits": 3, "group_size": -1, "order": "act-order", "our_loss": ours[name]}
+        rec = {"layer": name, "bits": args.bits, "group_size": args.group_size, "order": "act-order"}
+        rec["our_loss"] = ours[name]
         print(json.dumps({**rec, **peer[name]}))
 
 
