@@ -55,6 +55,29 @@ print(json.dumps(out))
 """
 
 
+def require_peer() -> None:
+    """Exits early, before any model work, when the peer's virtual environment is missing."""
+    if not PEER_PY.exists():
+        sys.exit(f"needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+
+
+def run_peer_side(script: str, payload: object) -> str:
+    """Runs ``script`` with the peer's Python on ``payload`` (``torch.save``d; its path is ``sys.argv[1]``).
+
+    The peer pins another transformers, so its side runs in ``.venv-peer`` and only tensors cross over.
+    Returns the script's stdout; exits with the tail of its stderr if it failed.
+    """
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "payload.pt"
+        torch.save(payload, path)
+        proc = subprocess.run([str(PEER_PY), "-c", script, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    return proc.stdout
+
+
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,8 +91,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=-1, help="-1 = per-channel")
     args = ap.parse_args()
-    if not PEER_PY.exists():
-        sys.exit(f"needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+    require_peer()
     path = assets.ensure_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -95,13 +117,7 @@ def main() -> None:
         grid_args = {"bits": args.bits, "group_size": args.group_size}
         dump[name] = {"W": w, "H": h, "scale": scales[0], "codes": res.codes, **grid_args}
         ours[name] = res.stats.loss
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(dump, Path(tmp) / "layers.pt")
-        cmd = [str(PEER_PY), "-c", PEER_SIDE, str(Path(tmp) / "layers.pt")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    peer = json.loads(proc.stdout.strip().splitlines()[-1])
+    peer = json.loads(run_peer_side(PEER_SIDE, dump).strip().splitlines()[-1])
     for name in targets:
         rec = {"layer": name, "bits": args.bits, "group_size": args.group_size, "order": "act-order"}
         rec["our_loss"] = ours[name]

@@ -12,13 +12,10 @@ One JSON record per (layer, group size) with the relative scale differences.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
+from peer_equivalence import require_peer, run_peer_side  # bench/ is on sys.path when run as a script
 
 PEER_SIDE = r"""
 import json, sys, torch
@@ -41,7 +38,6 @@ for rec, w, s in d:
 
 
 def main() -> None:
-    import torch
     from safetensors import safe_open
 
     from hf_babai import assets
@@ -54,8 +50,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--groups", type=int, nargs="+", default=[64, 128])
     args = ap.parse_args()
-    if not PEER_PY.exists():
-        sys.exit(f"needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+    require_peer()
     path = Path(assets.ensure_model(args.model))
     key = f"layers.{args.block}."
     weights = {}
@@ -70,13 +65,8 @@ def main() -> None:
         for name, w in sorted(weights.items()):
             rec = {"model": args.model, "layer": name, "bits": args.bits, "group_size": g}
             dump.append((rec, w, compute_scales(w, Grid(bits=args.bits, sym=True, group_size=g), "mse")[0]))
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(dump, Path(tmp) / "scales.pt")
-        cmd = [str(PEER_PY), "-c", PEER_SIDE, str(Path(tmp) / "scales.pt")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    out = run_peer_side(PEER_SIDE, dump)
+    print("\n".join(line for line in out.splitlines() if line.startswith("{")))
 
 
 if __name__ == "__main__":
