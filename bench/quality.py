@@ -69,11 +69,7 @@ def run_one(args: argparse.Namespace) -> dict:
         rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
     else:
         # calibration-schedule options, the same for every method (rtn ignores them: it runs no calibration)
-        schedule = {
-            "true_sequential": args.true_sequential,
-            "skip_first_tokens": args.skip_first_tokens,
-            "match_fp": args.match_fp,
-        }
+        schedule = {"true_sequential": args.true_sequential, "skip_first_tokens": args.skip_first_tokens}
         if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
             target = entropy_target(bits, args.group_size)
             method = "babai" if args.method == "hptq" else "rtn"
@@ -115,8 +111,6 @@ def run_one(args: argparse.Namespace) -> dict:
             rec["true_sequential"] = uses_one_pass(spec, int(calib.shape[0]), args.calib_batch)  # auto resolved
             if spec.skip_first_tokens:
                 rec["skip_first_tokens"] = spec.skip_first_tokens
-            if spec.match_fp:
-                rec["match_fp"] = True
         rec["seconds"] = time.perf_counter() - t0
         rec["bpw"] = model_bits_per_weight(model)
         stats = [r.stats for r in records]
@@ -184,11 +178,6 @@ def main() -> None:
     )
     p.add_argument("--skip-first-tokens", type=int, default=0, help="leave each window's first tokens out of H")
     p.add_argument(
-        "--match-fp",
-        action="store_true",
-        help="fit each layer to the full-precision model's outputs (QuantSpec.match_fp; two passes)",
-    )
-    p.add_argument(
         "--true-sequential",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -243,7 +232,6 @@ def main() -> None:
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),
         *(["--skip-first-tokens", str(args.skip_first_tokens)] if args.skip_first_tokens else []),
-        *(["--match-fp"] if args.match_fp else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

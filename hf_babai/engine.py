@@ -48,16 +48,7 @@ from tqdm.auto import tqdm
 
 from .formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from .formats.huffman import coded_bits
-from .solver import (
-    Grid,
-    HessianAccumulator,
-    HessianFactor,
-    QuantResult,
-    babai_quantize,
-    compute_scales,
-    factor_hessian,
-    fp_output_target,
-)
+from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
 from .solver.grid import SCALE_METHODS, SUPPORTED_BITS, count_clipped, dequantize, rtn_quantize
@@ -113,7 +104,6 @@ class QuantSpec:
     skip: tuple[str, ...] = ("lm_head",)
     skip_first_tokens: int = 0  # research option: leave each window's first real tokens (attention sinks) out of H
     true_sequential: bool | None = None  # one pass per block (True), two (False), None: auto (uses_one_pass)
-    match_fp: bool = False  # fit each layer to the full-precision model's outputs (solver.fp_output_target); two passes
     format: str = "int"  # "hptq": one scale per matrix, entropy-coded unbounded codes (solver.entropy)
     target_bpw: float | None = None  # hptq only: stored bits per weight to meet, overheads included
     outlier_rate: float | None = None  # ssqr only: fraction of weights allowed to be sparse exact outliers
@@ -133,11 +123,6 @@ class QuantSpec:
             raise ValueError(f"order={self.order!r} is unknown; use one of {ORDERS}")
         if self.true_sequential is not None and not isinstance(self.true_sequential, bool):
             raise ValueError(f"true_sequential={self.true_sequential!r}: use True, False or None (auto)")
-        if self.match_fp and self.true_sequential:
-            raise ValueError(
-                "match_fp=True runs a full-precision stream beside the two-pass schedule; "
-                "leave true_sequential unset or False"
-            )
         if self.skip_first_tokens < 0:
             raise ValueError(f"skip_first_tokens={self.skip_first_tokens} must be >= 0")
         if not 0 <= self.damp < 1:
@@ -183,8 +168,6 @@ def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None
     otherwise (far better at 2 bits; see the module docstring)."""
     if spec.true_sequential is not None:
         return spec.true_sequential
-    if spec.match_fp:
-        return False
     whole = batch_size is None or batch_size >= n_samples
     return spec.format == "int" and spec.bits >= 3 and whole
 
@@ -350,9 +333,7 @@ class _BlockQuantizer:
         self.originals: dict[str, torch.Tensor] = {}
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
 
-    def accumulate(
-        self, name: str, x: torch.Tensor, mask: torch.Tensor | None, x_ref: torch.Tensor | None = None
-    ) -> None:
+    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Adds ``x`` to ``name``'s Hessian. Siblings called back to back on the very same tensor object
         (``q/k/v``, ``gate/up``) share one accumulator; only the last input is remembered, by identity
         (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs)."""
@@ -362,7 +343,7 @@ class _BlockQuantizer:
             return
         acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
         m = mask if mask is not None and mask.shape == x.shape[:-1] else None
-        acc.add(x, m, x_ref)
+        acc.add(x, m)
         self._last = (x, x._version, acc)
 
     def new_batch(self) -> None:
@@ -380,9 +361,6 @@ class _BlockQuantizer:
         if factor is None:
             factor = factor_hessian(acc.finalize(), spec.order, spec.damp)
             self.factors[id(acc)] = factor
-        shift = acc.finalize_shift()
-        if shift is not None:
-            w = fp_output_target(w, shift, factor)
         if spec.format == "hptq":
             res = entropy_quantize(w, factor, spec.target_bpw, code_bits=coded_bits, block_size=spec.block_size)
         elif spec.format == "ssqr":
@@ -538,28 +516,14 @@ def _one_pass(
 
 
 def _two_pass(
-    block: nn.Module,
-    linears: dict[str, nn.Linear],
-    bq: _BlockQuantizer,
-    inputs,
-    masks,
-    device,
-    fp_inputs: list[tuple[torch.Tensor, dict]] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Calibrate with the block's float weights, solve, swap, propagate. With ``fp_inputs`` (the full-precision
-    model's inputs to this block, ``match_fp``) each batch first runs the float block on them, recording every
-    Linear's reference input and the block's float output (the next block's ``fp_inputs``)."""
+    block: nn.Module, linears: dict[str, nn.Linear], bq: _BlockQuantizer, inputs, masks, device
+) -> list[torch.Tensor]:
     handles = []
-    current: dict = {"mask": None, "refs": None}
-    fp_outputs: list[torch.Tensor] | None = None if fp_inputs is None else []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def make_hook(name: str) -> Callable:
         def hook(_mod: nn.Linear, args: tuple) -> None:
-            refs = current["refs"]
-            if refs is not None and name not in refs:  # the full-precision run: remember, do not accumulate
-                refs[name] = args[0]
-                return
-            bq.accumulate(name, args[0], current["mask"], None if refs is None else refs[name])
+            bq.accumulate(name, args[0], current["mask"])
 
         return hook
 
@@ -567,15 +531,10 @@ def _two_pass(
         handles.append(lin.register_forward_pre_hook(make_hook(name)))
     try:
         with torch.no_grad():
-            for i, ((h, kw), m) in enumerate(zip(inputs, masks, strict=True)):
+            for (h, kw), m in zip(inputs, masks, strict=True):
                 bq.new_batch()
                 current["mask"] = m
-                if fp_inputs is not None:
-                    current["refs"] = {}
-                    fh, fkw = fp_inputs[i]
-                    fp_outputs.append(_block_output(block(fh.to(device), **_to(fkw, device))).detach().cpu())
                 block(h.to(device), **_to(kw, device))
-                current["refs"] = None
     finally:
         for hd in handles:
             hd.remove()
@@ -583,7 +542,7 @@ def _two_pass(
         bq.solve(name)
     for name, lin in linears.items():
         _swap_in(block, name, lin, bq.results[name], bq.spec)
-    return _run_block(block, inputs, device), fp_outputs
+    return _run_block(block, inputs, device)
 
 
 def quantize_model(
@@ -621,7 +580,6 @@ def quantize_model(
         [] if spec.method == "rtn" else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
     )
     masks = [None] * len(inputs)
-    fp_inputs = list(inputs) if spec.match_fp and spec.method != "rtn" else None
     hmask = attention_mask  # positions that enter the Hessians
     if spec.skip_first_tokens and input_ids is not None:
         real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
@@ -656,9 +614,7 @@ def quantize_model(
                 log.warning("block %d: %s runs twice per forward; this block uses the two-pass schedule", b, e)
                 bq = _BlockQuantizer(linears, spec)
         if outputs is None:
-            outputs, fp_outputs = _two_pass(block, linears, bq, inputs, masks, device, fp_inputs)
-            if fp_outputs is not None:
-                fp_inputs = [(o, kw) for o, (_, kw) in zip(fp_outputs, inputs, strict=True)]
+            outputs = _two_pass(block, linears, bq, inputs, masks, device)
         inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
         for name, lin in linears.items():
             st = bq.results[name].stats

@@ -4,7 +4,7 @@
 ``reference`` holds the slow float64 references used by the tests.
 """
 
-from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, fp_output_target, proxy_loss
+from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
 from .grid import Grid, compute_scales, dequantize, rtn_quantize
 from .hessian import HessianAccumulator
 from .ordering import ORDERS, babai_order, numerical_rank, pivoted_cholesky
@@ -21,7 +21,6 @@ __all__ = [
     "compute_scales",
     "dequantize",
     "factor_hessian",
-    "fp_output_target",
     "numerical_rank",
     "pivoted_cholesky",
     "proxy_loss",

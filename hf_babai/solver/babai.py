@@ -133,32 +133,6 @@ def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01
     raise RuntimeError(f"could not factor the Hessian even with damping {lam:g}; it is not symmetric PSD")
 
 
-def fp_output_target(w: torch.Tensor, shift: torch.Tensor, factor: HessianFactor) -> torch.Tensor:
-    """The weight whose outputs on the quantized model's inputs best match the full-precision model's outputs.
-
-    Layer-wise GPTQ/Babai minimizes ``‖(W − Ŵ) X‖`` on the inputs ``X`` of the partly quantized model, so the
-    error already made upstream (``X̃ − X``, ``X̃`` the full-precision model's inputs) is never corrected.
-    Minimizing ``‖W X̃ − Ŵ X‖`` instead (GPTAQ's "asymmetric calibration", arXiv 2504.02692) is the same
-    lattice problem with the same Hessian and a moved target point:
-    ``‖W X̃ − Ŵ X‖² = ‖(W* − Ŵ) X‖² + const`` with ``W* = W + W Δ H⁻¹``, ``Δ = (X̃ − X)ᵀX`` on ``H``'s
-    scale. So Babai's nearest plane runs unchanged on ``W*``, and its bound holds for the new objective.
-    ``H⁻¹`` is the damped inverse from ``factor`` (``λ`` keeps the move bounded along near-dead directions);
-    ``Δ = 0`` gives ``W* = W`` exactly.
-
-    Args:
-        w: ``[N, K]`` weight.
-        shift: ``Δ`` ``[K, K]`` (``HessianAccumulator.finalize_shift``).
-        factor: the layer's :func:`factor_hessian` (``RᵀR = H + λI`` in ``t`` order).
-    Returns: ``W*`` ``[N, K]`` float32.
-    """
-    t = factor.t.to(factor.r.device)
-    y = (w.double().to(factor.r.device) @ shift.to(factor.r.device, torch.float64))[:, t]  # W Δ, t order
-    z = torch.cholesky_solve(y.T.contiguous(), factor.r, upper=True).T  # (W Δ) (H + λI)⁻¹ in t order
-    out = torch.empty_like(z)
-    out[:, t] = z
-    return (w.double().to(out.device) + out).float().to(w.device)
-
-
 def factor_scales(
     w: torch.Tensor, factor: HessianFactor, grid: Grid, scale_method: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
