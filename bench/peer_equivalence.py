@@ -4,9 +4,12 @@ Captures the real input Hessians of two layers of block 3 (q_proj, down_proj) fr
 our MSE scales and our act-order Babai codes (3-bit per-channel, the setting where the end-to-end perplexities
 differ most), then runs llm-compressor's own ``quantize_weight`` and its ``memoryless_mse`` observer on the same
 W and H in the peer's virtual environment, and prints how far apart the codes, proxy losses and scales are.
-``--bits`` / ``--group-size`` pick another grid (groups use llm-compressor's ``strategy="group"``).
+``--bits`` / ``--group-size`` pick another grid (groups use llm-compressor's ``strategy="group"``); ``--model`` /
+``--block`` another layer set (``--all-linears``: every Linear of the block, not just the two). Each record also has
+``peer_loss_own_scales``: the peer's solve with its *own* observer's scales, i.e. what its pipeline does to a block
+whose input both tools see identically (block 0 of a real run): the end-to-end comparison at one layer.
 
-    .venv/bin/python bench/peer_equivalence.py [--bits 3 --group-size 64]
+    .venv/bin/python bench/peer_equivalence.py [--bits 3 --group-size 64] [--model qwen2.5-0.5b --block 0 --all-linears]
 """
 
 from __future__ import annotations
@@ -44,7 +47,14 @@ for name, v in d.items():
     ps = obs.get_qparams()["scale"].reshape(-1).float()
     rel = (ps - s.reshape(-1)).abs() / s.reshape(-1)
     dW = s_cols.double() * (codes.double() - half) - W.double()
+    own = ps.reshape(s.shape)
+    Q2, _, _ = quantize_weight(W[None].clone(), H[None].clone(), own[None], zp[None], None, qa, 128, 0.01)
+    dW2 = Q2[0].double() - W.double()
+    own_cols = own.repeat_interleave(g, dim=1)[:, : W.shape[1]] if g > 0 else own.reshape(-1, 1)
+    codes2 = torch.round(Q2[0] / own_cols).long() + half
     out[name] = {
+        "code_mismatch_own_scales": (codes2 != v["codes"].long()).float().mean().item(),
+        "peer_loss_own_scales": torch.einsum("nk,kl,nl->", dW2, v["H"], dW2).item(),
         "code_mismatch": (codes != v["codes"].long()).float().mean().item(),
         "peer_loss": torch.einsum("nk,kl,nl->", dW, v["H"], dW).item(),
         "scale_rel_diff_median": rel.median().item(),
@@ -90,14 +100,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=-1, help="-1 = per-channel")
+    ap.add_argument("--model", default="smollm2-135m", help="an offline model name (hf_babai.assets)")
+    ap.add_argument("--block", type=int, default=3)
+    ap.add_argument("--all-linears", action="store_true", help="every Linear of the block (default: q_proj, down_proj)")
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows of 512 tokens")
     args = ap.parse_args()
     require_peer()
-    path = assets.ensure_model("smollm2-135m")
+    from hf_babai.engine import find_blocks, target_linears
+
+    path = assets.ensure_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = calibration_windows(tok, assets.calibration_text(), n=16, seqlen=512)
-    block = model.model.layers[3]
-    targets = {"block3.q_proj": block.self_attn.q_proj, "block3.down_proj": block.mlp.down_proj}
+    calib = calibration_windows(tok, assets.calibration_text(), n=args.calib, seqlen=512)
+    _, blocks = find_blocks(model)
+    block = blocks[args.block]
+    b = f"block{args.block}"
+    if args.all_linears:
+        targets = {f"{b}.{n.split('.')[-1]}": lin for n, lin in target_linears(block, ()).items()}
+    else:
+        targets = {f"{b}.q_proj": block.self_attn.q_proj, f"{b}.down_proj": block.mlp.down_proj}
     accs = {name: HessianAccumulator(lin.in_features) for name, lin in targets.items()}
     hooks = [
         lin.register_forward_pre_hook(lambda mod, a, name=name: accs[name].add(a[0].detach()))
@@ -119,7 +140,8 @@ def main() -> None:
         ours[name] = res.stats.loss
     peer = json.loads(run_peer_side(PEER_SIDE, dump).strip().splitlines()[-1])
     for name in targets:
-        rec = {"layer": name, "bits": args.bits, "group_size": args.group_size, "order": "act-order"}
+        rec = {"model": args.model, "layer": name, "bits": args.bits, "group_size": args.group_size}
+        rec |= {"order": "act-order", "n_calib": args.calib}
         rec["our_loss"] = ours[name]
         print(json.dumps({**rec, **peer[name]}))
 

@@ -1,0 +1,78 @@
+"""Does a layer's proxy loss generalize? Train-draw vs held-out-draw Hessians of one block, per damping.
+
+The solver minimizes ``tr(E H Eᵀ)`` for the Hessian of the calibration draw; what the model meets later is other
+text. This captures the input Hessians of every Linear of one block from two disjoint calibration draws of the same
+size (full-precision model, ``--calib`` windows of 512 tokens each), solves on the first at each ``--damps`` value
+(act-order, GPTQ-style MSE scales), and prints one JSON record per (layer, damp) with the proxy loss on both.
+A large held-out/train ratio means the Hessian was estimated from too few tokens for that layer's width.
+
+    .venv/bin/python bench/heldout_loss.py --model qwen2.5-0.5b --block 3 --bits 3 --group-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def block_hessians(model, block, ids) -> dict:
+    """``name -> H`` for every Linear of ``block``, from the full-precision model on ``ids`` (one window a forward)."""
+    import torch
+
+    from hf_babai.engine import target_linears
+    from hf_babai.solver import HessianAccumulator
+
+    lins = target_linears(block, ())
+    accs = {n: HessianAccumulator(lin.in_features) for n, lin in lins.items()}
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach())) for n, lin in lins.items()]
+    try:
+        with torch.no_grad():
+            for i in range(ids.shape[0]):
+                model(ids[i : i + 1], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: acc.finalize() for n, acc in accs.items()}
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_babai import assets
+    from hf_babai.engine import find_blocks, target_linears
+    from hf_babai.perplexity import calibration_windows
+    from hf_babai.solver import Grid, babai_quantize, dequantize, factor_hessian
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--block", type=int, default=3)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=32, help="windows of 512 tokens per draw")
+    ap.add_argument("--seeds", type=int, nargs=2, default=(0, 5), help="calibration seeds: train, held-out")
+    ap.add_argument("--damps", type=float, nargs="+", default=(0.01, 0.03, 0.1, 0.3))
+    args = ap.parse_args()
+    path = assets.ensure_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    _, blocks = find_blocks(model)
+    block = blocks[args.block]
+    draws = [calibration_windows(tok, assets.calibration_text(), args.calib, 512, seed=s) for s in args.seeds]
+    h_train, h_test = (block_hessians(model, block, ids) for ids in draws)
+    grid = Grid(args.bits, True, args.group_size)
+    for name, lin in target_linears(block, ()).items():
+        w = lin.weight.detach().float()
+        for damp in args.damps:
+            res = babai_quantize(w, factor_hessian(h_train[name], "act-order", damp), grid, scale_method="mse")
+            err = (w - dequantize(res.codes, res.scales, res.zeros, grid)).double()
+            train = float(torch.einsum("nk,kl,nl->", err, h_train[name], err))
+            test = float(torch.einsum("nk,kl,nl->", err, h_test[name], err))
+            rec = {"model": args.model, "block": args.block, "layer": name, "in_features": w.shape[1]}
+            rec |= {"bits": args.bits, "group_size": args.group_size, "tokens": args.calib * 512, "seeds": args.seeds}
+            rec |= {"damp": damp, "train_loss": train, "heldout_loss": test, "heldout_over_train": test / train}
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
