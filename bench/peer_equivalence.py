@@ -7,7 +7,8 @@ W and H in the peer's virtual environment, and prints how far apart the codes, p
 ``--bits`` / ``--group-size`` pick another grid (groups use llm-compressor's ``strategy="group"``); ``--model`` /
 ``--block`` another layer set (``--all-linears``: every Linear of the block, not just the two). Each record also has
 ``peer_loss_own_scales``: the peer's solve with its *own* observer's scales, i.e. what its pipeline does to a block
-whose input both tools see identically (block 0 of a real run): the end-to-end comparison at one layer.
+whose input both tools see identically (block 0 of a two-pass run, where every Hessian comes from the float
+model as here): the end-to-end comparison at one layer.
 
     .venv/bin/python bench/peer_equivalence.py [--bits 3 --group-size 64] [--model qwen2.5-0.5b --block 0 --all-linears]
 """
