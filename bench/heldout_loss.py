@@ -15,20 +15,30 @@ import argparse
 import json
 
 
-def block_hessians(model, block, ids) -> dict:
-    """``name -> H`` for every Linear of ``block``, from the full-precision model on ``ids`` (one window a forward)."""
+class _Stop(Exception):
+    """Raised after the block of interest: the rest of the model adds nothing to its Hessians."""
+
+
+def block_hessians(model, block, linears: dict, ids) -> dict:
+    """``name -> H`` for each of ``linears`` (Linears of ``block``), from the full-precision model on ``ids`` (one
+    window a forward; each forward stops once ``block`` has run)."""
+    import contextlib
+
     import torch
 
-    from hf_babai.engine import target_linears
     from hf_babai.solver import HessianAccumulator
 
-    lins = target_linears(block, ())
-    accs = {n: HessianAccumulator(lin.in_features) for n, lin in lins.items()}
-    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach())) for n, lin in lins.items()]
+    def stop(*_):
+        raise _Stop
+
+    accs = {n: HessianAccumulator(lin.in_features) for n, lin in linears.items()}
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach())) for n, lin in linears.items()]
+    hooks.append(block.register_forward_hook(stop))
     try:
         with torch.no_grad():
             for i in range(ids.shape[0]):
-                model(ids[i : i + 1], use_cache=False)
+                with contextlib.suppress(_Stop):
+                    model(ids[i : i + 1], use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -59,9 +69,10 @@ def main() -> None:
     _, blocks = find_blocks(model)
     block = blocks[args.block]
     draws = [calibration_windows(tok, assets.calibration_text(), args.calib, 512, seed=s) for s in args.seeds]
-    h_train, h_test = (block_hessians(model, block, ids) for ids in draws)
+    linears = target_linears(block, ())
+    h_train, h_test = (block_hessians(model, block, linears, ids) for ids in draws)
     grid = Grid(args.bits, True, args.group_size)
-    for name, lin in target_linears(block, ()).items():
+    for name, lin in linears.items():
         w = lin.weight.detach().float()
         for damp in args.damps:
             res = babai_quantize(w, factor_hessian(h_train[name], "act-order", damp), grid, scale_method="mse")

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from heldout_loss import block_hessians  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
 
@@ -39,8 +41,9 @@ for name, v in d.items():
                           observer="memoryless_mse",
                           observer_kwargs={"maxshrink": 0.8, "grid": 100.0, "norm": 2.4, "patience": 80})
     zp = torch.zeros_like(s, dtype=torch.int8)
+    cols = lambda t: t.repeat_interleave(g, dim=1)[:, : W.shape[1]] if g > 0 else t.reshape(-1, 1)  # per column
     Q, _, fallback = quantize_weight(W[None].clone(), H[None].clone(), s[None], zp[None], None, qa, 128, 0.01)
-    s_cols = s.repeat_interleave(g, dim=1)[:, : W.shape[1]] if g > 0 else s.reshape(-1, 1)
+    s_cols = cols(s)
     half = 2 ** (bits - 1)
     codes = torch.round(Q[0] / s_cols).long() + half
     obs = Observer.load_from_registry("memoryless_mse", base_name="weight", args=qa)
@@ -51,8 +54,7 @@ for name, v in d.items():
     own = ps.reshape(s.shape)
     Q2, _, _ = quantize_weight(W[None].clone(), H[None].clone(), own[None], zp[None], None, qa, 128, 0.01)
     dW2 = Q2[0].double() - W.double()
-    own_cols = own.repeat_interleave(g, dim=1)[:, : W.shape[1]] if g > 0 else own.reshape(-1, 1)
-    codes2 = torch.round(Q2[0] / own_cols).long() + half
+    codes2 = torch.round(Q2[0] / cols(own)).long() + half
     out[name] = {
         "code_mismatch_own_scales": (codes2 != v["codes"].long()).float().mean().item(),
         "peer_loss_own_scales": torch.einsum("nk,kl,nl->", dW2, v["H"], dW2).item(),
@@ -95,7 +97,7 @@ def main() -> None:
 
     from hf_babai import assets
     from hf_babai.perplexity import calibration_windows
-    from hf_babai.solver import Grid, HessianAccumulator, babai_quantize, factor_hessian
+    from hf_babai.solver import Grid, babai_quantize, factor_hessian
     from hf_babai.solver.grid import compute_scales
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -120,20 +122,11 @@ def main() -> None:
         targets = {f"{b}.{n.split('.')[-1]}": lin for n, lin in target_linears(block, ()).items()}
     else:
         targets = {f"{b}.q_proj": block.self_attn.q_proj, f"{b}.down_proj": block.mlp.down_proj}
-    accs = {name: HessianAccumulator(lin.in_features) for name, lin in targets.items()}
-    hooks = [
-        lin.register_forward_pre_hook(lambda mod, a, name=name: accs[name].add(a[0].detach()))
-        for name, lin in targets.items()
-    ]
-    with torch.no_grad():
-        for i in range(calib.shape[0]):
-            model(calib[i : i + 1])
-    for h in hooks:
-        h.remove()
+    hessians = block_hessians(model, block, targets, calib)
     grid = Grid(bits=args.bits, sym=True, group_size=args.group_size)
     dump, ours = {}, {}
     for name, lin in targets.items():
-        w, h = lin.weight.detach().float(), accs[name].finalize()
+        w, h = lin.weight.detach().float(), hessians[name]
         scales = compute_scales(w, grid, "mse")
         res = babai_quantize(w, factor_hessian(h, "act-order"), grid, scales=scales, dtype=torch.float64)
         grid_args = {"bits": args.bits, "group_size": args.group_size}
