@@ -70,6 +70,8 @@ def run_one(args: argparse.Namespace) -> dict:
     else:
         # calibration-schedule options, the same for every method (rtn ignores them: it runs no calibration)
         schedule = {"true_sequential": args.true_sequential, "skip_first_tokens": args.skip_first_tokens}
+        if args.damp_width is not None:
+            schedule["damp_width"] = args.damp_width
         if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
             target = entropy_target(bits, args.group_size)
             method = "babai" if args.method == "hptq" else "rtn"
@@ -109,6 +111,7 @@ def run_one(args: argparse.Namespace) -> dict:
         rec["calib_batch"] = args.calib_batch
         if method == "babai":
             rec["true_sequential"] = uses_one_pass(spec, int(calib.shape[0]), args.calib_batch)  # auto resolved
+            rec["damp_width"] = spec.damp_width
             if spec.skip_first_tokens:
                 rec["skip_first_tokens"] = spec.skip_first_tokens
         rec["seconds"] = time.perf_counter() - t0
@@ -178,6 +181,12 @@ def main() -> None:
     )
     p.add_argument("--skip-first-tokens", type=int, default=0, help="leave each window's first tokens out of H")
     p.add_argument(
+        "--damp-width",
+        type=float,
+        default=None,
+        help="hf_babai: damping per input feature per calibration token (default: the library's; 0 = fixed 0.01)",
+    )
+    p.add_argument(
         "--true-sequential",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -232,6 +241,7 @@ def main() -> None:
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),
         *(["--skip-first-tokens", str(args.skip_first_tokens)] if args.skip_first_tokens else []),
+        *(["--damp-width", str(args.damp_width)] if args.damp_width is not None else []),
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")

@@ -119,6 +119,7 @@ def _quantize(args: argparse.Namespace) -> int:
         order=args.order,
         method=args.method,
         damp=args.damp,
+        damp_width=args.damp_width,
         dataset=dataset,
         tokenizer=tok,
         nsamples=args.nsamples,
@@ -292,7 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--asym", action="store_true", help="asymmetric grid (stored zero points)")
     q.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
     q.add_argument("--method", default="babai", choices=["babai", "rtn"])
-    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--damp", type=float, default=0.01, help="Hessian damping floor (fraction of mean diag H)")
+    q.add_argument(
+        "--damp-width",
+        type=float,
+        default=1 / 3,
+        help="extra damping per input feature per calibration token (default 1/3; 0 = fixed --damp)",
+    )
     q.add_argument(
         "--scale-method",
         default=None,

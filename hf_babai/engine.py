@@ -48,7 +48,16 @@ from tqdm.auto import tqdm
 
 from .formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from .formats.huffman import coded_bits
-from .solver import Grid, HessianAccumulator, HessianFactor, QuantResult, babai_quantize, compute_scales, factor_hessian
+from .solver import (
+    Grid,
+    HessianAccumulator,
+    HessianFactor,
+    QuantResult,
+    babai_quantize,
+    compute_scales,
+    factor_hessian,
+    layer_damp,
+)
 from .solver.babai import LayerStats
 from .solver.entropy import EntropyResult, entropy_quantize
 from .solver.grid import SCALE_METHODS, SUPPORTED_BITS, count_clipped, dequantize, rtn_quantize
@@ -100,6 +109,7 @@ class QuantSpec:
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
     scale_method: str | None = None  # None: "auto" for a Babai int solve at ≥ 3 bits, else "mse"
     damp: float = 0.01
+    damp_width: float = 1 / 3  # damping grows with in_features / calibration tokens (solver.layer_damp)
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
     skip_first_tokens: int = 0  # research option: leave each window's first real tokens (attention sinks) out of H
@@ -127,6 +137,8 @@ class QuantSpec:
             raise ValueError(f"skip_first_tokens={self.skip_first_tokens} must be >= 0")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp={self.damp} must be in [0, 1) (fraction of mean diag H)")
+        if not self.damp_width >= 0:
+            raise ValueError(f"damp_width={self.damp_width} must be >= 0 (0 = GPTQ's fixed damping)")
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is unknown; use one of {FORMATS}")
         if self.format == "hptq" and (self.target_bpw is None or self.target_bpw <= 0):
@@ -359,7 +371,8 @@ class _BlockQuantizer:
             acc = HessianAccumulator(w.shape[1])
         factor = self.factors.get(id(acc))
         if factor is None:
-            factor = factor_hessian(acc.finalize(), spec.order, spec.damp)
+            damp = layer_damp(w.shape[1], acc.n, spec.damp, spec.damp_width)
+            factor = factor_hessian(acc.finalize(), spec.order, damp)
             self.factors[id(acc)] = factor
         if spec.format == "hptq":
             res = entropy_quantize(w, factor, spec.target_bpw, code_bits=coded_bits, block_size=spec.block_size)

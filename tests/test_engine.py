@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_babai.engine import QuantSpec, find_blocks, quantize_model, uses_one_pass
 from hf_babai.formats import BabaiLinear
+from hf_babai.solver import layer_damp
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -51,6 +52,24 @@ def test_finds_blocks_and_quantizes_every_block_linear(tmp_path):
     assert int(rows[0]["tokens"]) == 6 * 24
     out = model(calib()).logits
     assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_each_layer_is_damped_by_its_width_per_calibration_token():
+    wide, fixed = tiny_llama(), tiny_llama()
+    spec = QuantSpec(bits=4, group_size=32, true_sequential=False)  # block 0 sees the same float inputs in both
+    rw = quantize_model(wide, spec, calib(), progress=False)
+    rf = quantize_model(fixed, replace(spec, damp_width=0.0), calib(), progress=False)
+    tokens = 6 * 24
+    for a, b in zip(rw, rf, strict=True):
+        if a.block != 0:
+            continue
+        assert a.tokens == tokens and a.stats["damping"] > 0
+        # λ = fraction · mean diag H; same H, so the ratio of the λs is the ratio of the fractions
+        want = layer_damp(a.in_features, tokens) / 0.01
+        assert a.stats["damping"] / b.stats["damping"] == pytest.approx(want, rel=1e-9), a.name
+    assert {a.in_features for a in rw} == {64, 96}  # both widths were checked (0.148 and 0.222 of mean diag)
+    with pytest.raises(ValueError, match="damp_width"):
+        QuantSpec(damp_width=-1.0)
 
 
 def test_hessian_is_batch_size_invariant_in_the_two_pass_schedule():

@@ -63,6 +63,8 @@ def quantized(tiny, tmp_path_factory) -> tuple[torch.nn.Module, torch.Tensor, Pa
         ("order", "random", "order='random'"),
         ("method", "gptq", "method='gptq'"),
         ("damp", 1.5, "damp=1.5"),
+        ("damp_width", -0.5, "damp_width=-0.5"),
+        ("damp_width", "auto", "damp_width='auto'"),
         ("sym", "yes", "sym='yes'"),
         ("nsamples", 0, "nsamples=0"),
         ("dataset", "wikitext2", "dataset='wikitext2'"),

@@ -14,6 +14,7 @@ from hf_babai.solver import (
     compute_scales,
     dequantize,
     factor_hessian,
+    layer_damp,
     numerical_rank,
     proxy_loss,
     rtn_quantize,
@@ -170,6 +171,16 @@ def test_damping_escalates_instead_of_failing():
     nan = torch.full((4, 4), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN"):
         factor_hessian(nan)
+
+
+def test_layer_damp_grows_with_width_per_token_above_the_floor():
+    assert layer_damp(896, 16384) == pytest.approx(0.01823, rel=1e-3)  # narrow Qwen Linear: barely above 0.01
+    assert layer_damp(4864, 16384) == pytest.approx(0.09896, rel=1e-3)  # its down_proj: ~0.1
+    assert layer_damp(64, 16384) == 0.01  # the floor
+    assert layer_damp(4864, 16384, damp=0.2) == 0.2
+    assert layer_damp(4864, 16384, damp_width=0.0) == 0.01  # GPTQ's fixed damping
+    assert layer_damp(4864, 0) == 0.01  # no tokens: nothing to scale by
+    assert layer_damp(4864, 4 * 16384) == pytest.approx(layer_damp(4864, 16384) / 4)
 
 
 def test_hessian_accumulator_streams_and_masks():

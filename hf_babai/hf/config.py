@@ -54,7 +54,11 @@ class BabaiConfig(QuantizationConfigMixin):
             (``"auto"`` refits its second solve regardless).
         refine_sweeps: coordinate-descent sweeps on the codes after the solve (a closest-vector step beyond
             Babai; each costs about one solve); ``format="int"``, ``method="babai"`` only.
-        damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors).
+        damp: Hessian damping as a fraction of its mean diagonal (escalated ×10 until it factors); the floor.
+        damp_width: damping that grows with the layer's width per calibration token: each layer uses
+            ``max(damp, damp_width · in_features / tokens)`` (``hf_babai.solver.layer_damp`` says why; default
+            1/3, which changes only layers wider than ``0.03 × tokens``, e.g. a 4864-wide ``down_proj`` at
+            16k tokens gets 0.1). ``0`` gives GPTQ's fixed ``damp``.
         block_size: lazy-batch block width of the solver.
         modules_to_not_convert: substrings of full module names to keep in full precision; ``lm_head`` and
             embeddings are never quantized (only Linears inside the decoder blocks are).
@@ -90,6 +94,7 @@ class BabaiConfig(QuantizationConfigMixin):
         method: str = "babai",
         scale_method: str | None = None,
         damp: float = 0.01,
+        damp_width: float = 1 / 3,
         block_size: int = 128,
         modules_to_not_convert: list[str] | None = None,
         dataset: Any = None,
@@ -112,8 +117,8 @@ class BabaiConfig(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(
                 f"BabaiConfig got unknown fields {sorted(kwargs)}; allowed: bits, group_size, sym, order, method, "
-                "scale_method, damp, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, seqlen, "
-                "batch_size, calibration, format_version, format, target_bpw, layers, outlier_rate, rescale, "
+                "scale_method, damp, damp_width, block_size, modules_to_not_convert, dataset, tokenizer, nsamples, "
+                "seqlen, batch_size, calibration, format_version, format, target_bpw, layers, outlier_rate, rescale, "
                 "refine_sweeps, true_sequential"
             )
         self.quant_method = QUANT_METHOD
@@ -129,6 +134,7 @@ class BabaiConfig(QuantizationConfigMixin):
         self.method = method
         self.scale_method = scale_method
         self.damp = damp
+        self.damp_width = damp_width
         self.block_size = block_size
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.dataset = dataset
@@ -170,6 +176,9 @@ class BabaiConfig(QuantizationConfigMixin):
             raise bad("scale_method", f"use one of {SCALE_METHODS}")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise bad("damp", "use a float in [0, 1) (fraction of the Hessian's mean diagonal), e.g. 0.01")
+        dw = self.damp_width
+        if isinstance(dw, bool) or not isinstance(dw, (int, float)) or not 0 <= dw < float("inf"):
+            raise bad("damp_width", "use a float >= 0 (damping per input feature per calibration token, 0 = off)")
         if not is_int(self.block_size) or self.block_size < 1:
             raise bad("block_size", "use a positive int, e.g. 128")
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
@@ -242,6 +251,7 @@ class BabaiConfig(QuantizationConfigMixin):
             order=self.order,
             scale_method=self.scale_method,
             damp=float(self.damp),
+            damp_width=float(self.damp_width),
             block_size=self.block_size,
             skip=self.skip,
             format=self.format,

@@ -6,7 +6,7 @@
 
 from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
 from .grid import Grid, compute_scales, dequantize, rtn_quantize
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, layer_damp
 from .ordering import ORDERS, babai_order, numerical_rank, pivoted_cholesky
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "compute_scales",
     "dequantize",
     "factor_hessian",
+    "layer_damp",
     "numerical_rank",
     "pivoted_cholesky",
     "proxy_loss",
