@@ -60,7 +60,7 @@ def layer_damp(in_features: int, tokens: int, damp: float = 0.01, damp_width: fl
     Why: ``H`` is estimated from ``tokens`` calibration tokens, and the nearest-plane solve trusts its
     correlations fully when it feeds each rounding error forward onto the remaining columns. The wider a layer
     is per token, the less of that correlation structure carries over to other text. Measured on
-    Qwen2.5-0.5B with ``bench/heldout_loss.py`` (solve on one 32×512 draw, score the proxy loss on a disjoint
+    Qwen2.5-0.5B the way ``bench/heldout_loss.py`` does (solve on one 32×512 draw, score the proxy loss on a disjoint
     draw): ``down_proj`` (4864 inputs, 16k tokens) loses 1.4–1.65× more on the held-out draw than on its own,
     the 896-wide Linears 1.06–1.13×; damping 0.1 (what this rule gives ``down_proj``) cut its held-out loss
     4–10 % in blocks 3, 12 and 20, while damping 0.03 moved the narrow Linears by −0.4…+1.3 %. The rule is
