@@ -119,7 +119,7 @@ def _quantize(args: argparse.Namespace) -> int:
         order=args.order,
         method=args.method,
         damp=args.damp,
-        damp_width=args.damp_width,
+        **({} if args.damp_width is None else {"damp_width": args.damp_width}),
         dataset=dataset,
         tokenizer=tok,
         nsamples=args.nsamples,
@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument(
         "--damp-width",
         type=float,
-        default=1 / 3,
-        help="extra damping per input feature per calibration token (default 1/3; 0 = fixed --damp)",
+        default=None,
+        help="extra damping per input feature per calibration token (default: BabaiConfig's, 1/3; 0 = fixed --damp)",
     )
     q.add_argument(
         "--scale-method",

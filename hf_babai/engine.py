@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from .formats import BabaiLinear, HuffmanLinear, SSQRLinear
 from .formats.huffman import coded_bits
 from .solver import (
+    DAMP_WIDTH,
     Grid,
     HessianAccumulator,
     HessianFactor,
@@ -109,7 +110,7 @@ class QuantSpec:
     order: str = "act-order"  # measured best on Qwen2.5-0.5B 3-bit and SmolLM2 3-bit (README benchmarks)
     scale_method: str | None = None  # None: "auto" for a Babai int solve at ≥ 3 bits, else "mse"
     damp: float = 0.01
-    damp_width: float = 1 / 3  # damping grows with in_features / calibration tokens (solver.layer_damp)
+    damp_width: float = DAMP_WIDTH  # damping grows with in_features / calibration tokens (solver.layer_damp)
     block_size: int = 128
     skip: tuple[str, ...] = ("lm_head",)
     skip_first_tokens: int = 0  # research option: leave each window's first real tokens (attention sinks) out of H

@@ -191,6 +191,7 @@ def test_cli_quantize_and_info(real, tmp_path):
         (["quantize", str(real["src"]), "--out", str(tmp_path / "z"), "--format", "hptq"], "target_bpw"),
         (["quantize", str(real["src"]), "--out", str(tmp_path / "w"), "--format", "ssqr"], "outlier_rate"),
         (["quantize", str(real["src"]), "--out", str(tmp_path / "v"), "--method", "rtn", "--rescale"], "rescale"),
+        (["quantize", str(real["src"]), "--out", str(tmp_path / "t"), "--damp-width", "-1"], "damp_width=-1.0"),
         (
             ["quantize", str(real["src"]), "--out", str(tmp_path / "u"), "--method", "rtn", "--scale-method", "hmse"],
             "hmse",

@@ -24,6 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..engine import ENGINE_SCALE_METHODS as SCALE_METHODS
 from ..engine import FORMATS, METHODS, QuantSpec, default_scale_method
+from ..solver import DAMP_WIDTH
 from ..solver.grid import SUPPORTED_BITS
 from ..solver.ordering import ORDERS
 
@@ -94,7 +95,7 @@ class BabaiConfig(QuantizationConfigMixin):
         method: str = "babai",
         scale_method: str | None = None,
         damp: float = 0.01,
-        damp_width: float = 1 / 3,
+        damp_width: float = DAMP_WIDTH,
         block_size: int = 128,
         modules_to_not_convert: list[str] | None = None,
         dataset: Any = None,

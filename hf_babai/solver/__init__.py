@@ -6,10 +6,11 @@
 
 from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
 from .grid import Grid, compute_scales, dequantize, rtn_quantize
-from .hessian import HessianAccumulator, layer_damp
+from .hessian import DAMP_WIDTH, HessianAccumulator, layer_damp
 from .ordering import ORDERS, babai_order, numerical_rank, pivoted_cholesky
 
 __all__ = [
+    "DAMP_WIDTH",
     "ORDERS",
     "Grid",
     "HessianAccumulator",

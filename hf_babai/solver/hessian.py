@@ -54,7 +54,10 @@ class HessianAccumulator:
         return self.sum * (2.0 / self.n)
 
 
-def layer_damp(in_features: int, tokens: int, damp: float = 0.01, damp_width: float = 1 / 3) -> float:
+DAMP_WIDTH = 1 / 3  # default of layer_damp, QuantSpec and BabaiConfig: down_proj-like widths get ~0.1 (README)
+
+
+def layer_damp(in_features: int, tokens: int, damp: float = 0.01, damp_width: float = DAMP_WIDTH) -> float:
     """Damping fraction (of mean ``diag H``) for one layer: ``max(damp, damp_width · in_features / tokens)``.
 
     Why: ``H`` is estimated from ``tokens`` calibration tokens, and the nearest-plane solve trusts its
