@@ -1,0 +1,57 @@
+"""bench/paired.py: which records count as today's defaults, and the paired mean / standard error."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from hf_babai.solver import DAMP_WIDTH
+
+
+@pytest.fixture(scope="module")
+def paired():
+    spec = importlib.util.spec_from_file_location("bench_paired", Path(__file__).parents[1] / "bench" / "paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ours(seed: int, ppl: float, **over) -> dict:
+    rec = dict(
+        model="m", tool="hf_babai", method="babai", order="act-order", sym=True, bits=3, group_size=64, n_calib=32,
+        calib_seqlen=512, scale_method="auto", rescale=False, calib_batch=None, true_sequential=True,
+        damp_width=DAMP_WIDTH, calib_seed=seed, ppl=ppl,
+    )  # fmt: skip
+    rec.update(over)
+    return rec
+
+
+def _peer(seed: int, ppl: float) -> dict:
+    return dict(
+        model="m", tool="llm-compressor", method="gptq", actorder="static", sym=True, bits=3, group_size=64,
+        n_calib=32, seqlen=512, calib_seed=seed, ppl=ppl, details={"observer_preset": "mse"},
+    )  # fmt: skip
+
+
+def test_only_default_records_are_paired(paired):
+    records = [
+        _ours(0, 11.0), _ours(1, 9.0), _peer(0, 10.0), _peer(1, 10.0), _peer(2, 10.0),  # seed 2: no partner
+        _ours(0, 1.0, rescale=True), _ours(0, 1.0, damp_width=0.0), _ours(0, 1.0, scale_method="hmse"),
+        _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
+    ]  # fmt: skip
+    (row,) = paired.pair(records)
+    assert row["seeds"] == [0, 1]
+    assert row["ours"] == [11.0, 9.0] and row["peer"] == [10.0, 10.0]
+    assert row["rel_diff"] == pytest.approx([0.1, -0.1])
+    assert row["rel_diff_mean"] == pytest.approx(0.0)
+    assert row["rel_diff_se"] == pytest.approx(math.sqrt(0.02 / 1 / 2))  # sample variance 0.02, two seeds
+    assert "+0.0 ± 10.0 %" in paired.markdown([row])
+
+
+def test_two_bit_default_is_two_passes(paired):
+    two_bit = dict(bits=2, scale_method="mse")
+    assert not paired.is_default_ours(_ours(0, 1.0, **two_bit))  # one pass at 2 bits is not the default
+    assert paired.is_default_ours(_ours(0, 1.0, true_sequential=False, **two_bit))
