@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,15 +66,14 @@ def pair(records: list[dict]) -> list[dict]:
         seeds = sorted(set(sides["ours"]) & set(sides["peer"]))
         if not seeds:
             continue
-        diffs = [sides["ours"][s] / sides["peer"][s] - 1 for s in seeds]
-        mean = sum(diffs) / len(diffs)
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else None
+        ours = [sides["ours"][s] for s in seeds]
+        peer = [sides["peer"][s] for s in seeds]
+        diffs = [o / p - 1 for o, p in zip(ours, peer, strict=True)]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         out.append({
             "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "seeds": seeds,
-            "ours": [sides["ours"][s] for s in seeds], "peer": [sides["peer"][s] for s in seeds],
-            "ours_mean": sum(sides["ours"][s] for s in seeds) / len(seeds),
-            "peer_mean": sum(sides["peer"][s] for s in seeds) / len(seeds),
-            "rel_diff": diffs, "rel_diff_mean": mean, "rel_diff_se": se,
+            "ours": ours, "peer": peer, "ours_mean": statistics.fmean(ours), "peer_mean": statistics.fmean(peer),
+            "rel_diff": diffs, "rel_diff_mean": statistics.fmean(diffs), "rel_diff_se": se,
         })  # fmt: skip
     return out
 
