@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
@@ -12,11 +10,8 @@ from hf_babai.solver import DAMP_WIDTH
 
 
 @pytest.fixture(scope="module")
-def paired():
-    spec = importlib.util.spec_from_file_location("bench_paired", Path(__file__).parents[1] / "bench" / "paired.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def paired(load_bench):
+    return load_bench("paired")
 
 
 def _ours(seed: int, ppl: float, **over) -> dict:

@@ -150,14 +150,9 @@ def test_gpu_config_splits_k_for_decode():
     assert kernel_config(128, 4096, 4096, on_gpu=True)[3] == 1
 
 
-def test_kernel_benchmark_logic_on_cpu():
+def test_kernel_benchmark_logic_on_cpu(load_bench):
     """bench/kernels.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "bench" / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("kernels")
     (rec,) = bench.run([(48, 256)], [2], [(4, 128, True)], "cpu")
     keys = {"device", "format", "bits", "group_size", "N", "K", "M", "us", "gbps", "speedup", "ideal_speedup"}
     assert keys <= rec.keys() and rec["N"] == 48 and rec["K"] == 256
