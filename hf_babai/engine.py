@@ -402,12 +402,11 @@ class _BlockQuantizer:
             label = method + ("+refit" if rescale else "")
             return replace(res, stats=replace(res.stats, scales=label)), babai
 
-        if spec.scale_method == "best":
-            cands = [run(m, spec.rescale)[0] for m in ("hmse", "mse")]
-        elif spec.scale_method == "auto":
+        if spec.scale_method in ("best", "auto"):
             first, babai = run(AUTO_SCALES[0], spec.rescale)
             cands = [first]
-            if babai.stats.loss_damped > babai.stats.bound:  # clipping broke Babai's no-clipping worst case
+            # "auto": the second solve only where clipping broke Babai's no-clipping worst case; "best": always
+            if spec.scale_method == "best" or babai.stats.loss_damped > babai.stats.bound:
                 cands.append(run(AUTO_SCALES[1], True)[0])
         else:
             cands = [run(spec.scale_method, spec.rescale)[0]]

@@ -46,8 +46,8 @@ class BabaiConfig(QuantizationConfigMixin):
         scale_method: ``"mse"`` (shrink search on the weights alone, GPTQ's), ``"hmse"`` (the same search weighted
             by each input's ``diag H``; needs ``method="babai"``), ``"auto"`` (``"mse"``, and per layer where that
             solve's error exceeds Babai's no-clipping bound a second solve with ``"hmse"`` + refit, the lower proxy
-            loss kept), ``"best"`` (``"hmse"`` and ``"mse"`` both solved for every layer, the lower loss kept;
-            twice the solve time) or ``"minmax"``. Default: ``"auto"`` for ``method="babai"`` with
+            loss kept), ``"best"`` (``"auto"``'s two solves on every layer, the lower loss kept;
+            about twice the solve time) or ``"minmax"``. Default: ``"auto"`` for ``method="babai"`` with
             ``format="int"`` at 3 bits or more, else ``"mse"`` (``engine.default_scale_method`` says why, with
             the README measurements).
         rescale: after the solve, refit each group's scale to its codes under ``H`` (closed-form least squares,
