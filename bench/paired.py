@@ -5,7 +5,8 @@ seeds 0-3), as much as the difference between the tools, so a single-seed compar
 pairs the two tools on each seed (both quantize from the same saved windows) and reports the mean relative
 difference with its standard error. Only records of today's defaults count on our side (act-order, the library's
 default damping, scale rule and schedule, no refinements), so older runs with other settings in the same file do
-not mix in; the peer's records are its default ``actorder=static`` with the MSE observer.
+not mix in; the peer's records are its default ``actorder=static`` with the MSE observer. Round-to-nearest on the
+same grid (no calibration, so one figure per setting) stands beside them when the files hold it.
 
 .venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown]
 """
@@ -54,7 +55,11 @@ def is_default_peer(rec: dict) -> bool:
 def pair(records: list[dict]) -> list[dict]:
     """One summary per (model, bits, group size, calibration size) with both tools on at least one seed."""
     runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}})
+    rtn: dict[tuple, float] = {}
     for rec in records:
+        if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn" and rec.get("sym", True):
+            rtn[rec["model"], rec["bits"], rec["group_size"]] = rec["ppl"]  # calibration-free: any seed
+            continue
         side = "ours" if is_default_ours(rec) else "peer" if is_default_peer(rec) else None
         if side is None:
             continue
@@ -72,6 +77,7 @@ def pair(records: list[dict]) -> list[dict]:
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         out.append({
             "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "seeds": seeds,
+            "rtn": rtn.get((model, bits, group)),
             "ours": ours, "peer": peer, "ours_mean": statistics.fmean(ours), "peer_mean": statistics.fmean(peer),
             "rel_diff": diffs, "rel_diff_mean": statistics.fmean(diffs), "rel_diff_se": se,
         })  # fmt: skip
@@ -80,15 +86,16 @@ def pair(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | bits | group | calibration | seeds | hf_babai (per seed) | llm-compressor (per seed) | "
+        "| model | bits | group | calibration | RTN | seeds | hf_babai (per seed) | llm-compressor (per seed) | "
         "vs peer, mean ± s.e. |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         group = "per-channel" if r["group_size"] == -1 else str(r["group_size"])
         se = f" ± {100 * r['rel_diff_se']:.1f}" if r["rel_diff_se"] is not None else ""
+        rtn = "–" if r.get("rtn") is None else f"{r['rtn']:.4g}"
         lines.append(
-            f"| {r['model']} | {r['bits']} | {group} | {r['calib']} | {', '.join(map(str, r['seeds']))} | "
+            f"| {r['model']} | {r['bits']} | {group} | {r['calib']} | {rtn} | {', '.join(map(str, r['seeds']))} | "
             f"{' / '.join(f'{v:.2f}' for v in r['ours'])} | {' / '.join(f'{v:.2f}' for v in r['peer'])} | "
             f"{100 * r['rel_diff_mean']:+.1f}{se} % |"
         )

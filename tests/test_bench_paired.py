@@ -37,13 +37,15 @@ def test_only_default_records_are_paired(paired):
         _ours(0, 1.0, rescale=True), _ours(0, 1.0, damp_width=0.0), _ours(0, 1.0, scale_method="hmse"),
         _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
     ]  # fmt: skip
-    (row,) = paired.pair(records)
+    rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0)
+    (row,) = paired.pair([*records, rtn, {**rtn, "bits": 4, "ppl": 7.0}])  # a 4-bit RTN has no pair: no row
+    assert row["rtn"] == 42.0
     assert row["seeds"] == [0, 1]
     assert row["ours"] == [11.0, 9.0] and row["peer"] == [10.0, 10.0]
     assert row["rel_diff"] == pytest.approx([0.1, -0.1])
     assert row["rel_diff_mean"] == pytest.approx(0.0)
     assert row["rel_diff_se"] == pytest.approx(math.sqrt(0.02 / 1 / 2))  # sample variance 0.02, two seeds
-    assert "+0.0 ± 10.0 %" in paired.markdown([row])
+    assert "| 42 | 0, 1 |" in paired.markdown([row]) and "+0.0 ± 10.0 %" in paired.markdown([row])
 
 
 def test_two_bit_default_is_two_passes(paired):
