@@ -57,8 +57,9 @@ def pair(records: list[dict]) -> list[dict]:
     runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}})
     rtn: dict[tuple, float] = {}
     for rec in records:
-        if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn" and rec.get("sym", True):
-            rtn[rec["model"], rec["bits"], rec["group_size"]] = rec["ppl"]  # calibration-free: any seed
+        if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn":
+            if rec.get("sym", True) and rec.get("scale_method") in (None, "mse"):  # RTN's default grid and scales
+                rtn[rec["model"], rec["bits"], rec["group_size"]] = rec["ppl"]  # calibration-free: any seed
             continue
         side = "ours" if is_default_ours(rec) else "peer" if is_default_peer(rec) else None
         if side is None:

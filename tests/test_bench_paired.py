@@ -38,7 +38,9 @@ def test_only_default_records_are_paired(paired):
         _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
     ]  # fmt: skip
     rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0)
-    (row,) = paired.pair([*records, rtn, {**rtn, "bits": 4, "ppl": 7.0}])  # a 4-bit RTN has no pair: no row
+    # a 4-bit RTN has no pair (no row); a min/max-scaled RTN is not the baseline
+    others = [{**rtn, "bits": 4, "ppl": 7.0}, {**rtn, "scale_method": "minmax", "ppl": 9.0}]
+    (row,) = paired.pair([*records, rtn, *others])
     assert row["rtn"] == 42.0
     assert row["seeds"] == [0, 1]
     assert row["ours"] == [11.0, 9.0] and row["peer"] == [10.0, 10.0]
