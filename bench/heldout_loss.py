@@ -57,7 +57,7 @@ def main() -> None:
     from hf_babai import assets
     from hf_babai.engine import find_blocks, target_linears
     from hf_babai.perplexity import calibration_windows
-    from hf_babai.solver import Grid, babai_quantize, dequantize, factor_hessian, layer_damp
+    from hf_babai.solver import Grid, babai_quantize, dequantize, factor_hessian, layer_damp, proxy_loss
     from hf_babai.solver.refine import refine_result
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,18 +87,18 @@ def main() -> None:
     tokens = args.calib * 512
     for name, lin in linears.items():
         w = lin.weight.detach().float()
-        runs = [(d, "mse") for d in args.damps]
         if args.scales:
             runs = [(layer_damp(w.shape[1], tokens), rule) for rule in args.scales]
+        else:
+            runs = [(d, "mse") for d in args.damps]
         for damp, rule in runs:
             factor = factor_hessian(h_train[name], "act-order", damp)
             method, refit = rule.removesuffix("+refit"), rule.endswith("+refit")
             res = babai_quantize(w, factor, grid, scale_method=method)
             if refit:
                 res = refine_result(w, h_train[name], factor.damping, res, grid, 0, rescale=True)
-            err = (w - dequantize(res.codes, res.scales, res.zeros, grid)).double()
-            train = float(torch.einsum("nk,kl,nl->", err, h_train[name], err))
-            test = float(torch.einsum("nk,kl,nl->", err, h_test[name], err))
+            w_hat = dequantize(res.codes, res.scales, res.zeros, grid)
+            train, test = proxy_loss(w, w_hat, h_train[name]), proxy_loss(w, w_hat, h_test[name])
             rec = {"model": args.model, "block": args.block, "layer": name, "in_features": w.shape[1]}
             rec |= {"bits": args.bits, "group_size": args.group_size, "tokens": tokens, "seeds": args.seeds}
             rec |= {"damp": damp, "scales": rule, "train_loss": train, "heldout_loss": test}
