@@ -53,22 +53,25 @@ def is_default_peer(rec: dict) -> bool:
 
 
 def pair(records: list[dict]) -> list[dict]:
-    """One summary per (model, bits, group size, calibration size) with both tools on at least one seed."""
+    """One summary per (model, bits, group size, calibration size, evaluation windows) with both tools on at least
+    one seed. Perplexities over different numbers of evaluation windows are different measurements (4 windows are
+    the first 5 % of the book), so they are never paired with each other or with another size's RTN."""
     runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}})
     rtn: dict[tuple, float] = {}
     for rec in records:
         if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn":
             if rec.get("sym", True) and rec.get("scale_method") in (None, "mse"):  # RTN's default grid and scales
-                rtn[rec["model"], rec["bits"], rec["group_size"]] = rec["ppl"]  # calibration-free: any seed
+                rtn[rec["model"], rec["bits"], rec["group_size"], rec.get("windows")] = rec["ppl"]  # any seed
             continue
         side = "ours" if is_default_ours(rec) else "peer" if is_default_peer(rec) else None
         if side is None:
             continue
         calib_len = rec.get("calib_seqlen", rec.get("seqlen"))
-        key = (rec["model"], rec["bits"], rec["group_size"], rec["n_calib"], calib_len)
+        key = (rec["model"], rec["bits"], rec["group_size"], rec["n_calib"], calib_len, rec.get("windows"))
         runs[key][side][rec.get("calib_seed", 0)] = rec["ppl"]  # a later record of the same seed wins
     out = []
-    for (model, bits, group, n_calib, calib_len), sides in sorted(runs.items()):
+    for key, sides in sorted(runs.items(), key=lambda kv: (*kv[0][:5], kv[0][5] or 0)):
+        model, bits, group, n_calib, calib_len, windows = key
         seeds = sorted(set(sides["ours"]) & set(sides["peer"]))
         if not seeds:
             continue
@@ -77,8 +80,8 @@ def pair(records: list[dict]) -> list[dict]:
         diffs = [o / p - 1 for o, p in zip(ours, peer, strict=True)]
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         out.append({
-            "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "seeds": seeds,
-            "rtn": rtn.get((model, bits, group)),
+            "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "windows": windows,
+            "seeds": seeds, "rtn": rtn.get((model, bits, group, windows)),
             "ours": ours, "peer": peer, "ours_mean": statistics.fmean(ours), "peer_mean": statistics.fmean(peer),
             "rel_diff": diffs, "rel_diff_mean": statistics.fmean(diffs), "rel_diff_se": se,
         })  # fmt: skip
@@ -87,16 +90,17 @@ def pair(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | bits | group | calibration | RTN | seeds | hf_babai (per seed) | llm-compressor (per seed) | "
-        "vs peer, mean ± s.e. |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | bits | group | calibration | eval windows | RTN | seeds | hf_babai (per seed) | "
+        "llm-compressor (per seed) | vs peer, mean ± s.e. |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         group = "per-channel" if r["group_size"] == -1 else str(r["group_size"])
         se = f" ± {100 * r['rel_diff_se']:.1f}" if r["rel_diff_se"] is not None else ""
         rtn = "–" if r.get("rtn") is None else f"{r['rtn']:.4g}"
         lines.append(
-            f"| {r['model']} | {r['bits']} | {group} | {r['calib']} | {rtn} | {', '.join(map(str, r['seeds']))} | "
+            f"| {r['model']} | {r['bits']} | {group} | {r['calib']} | {r['windows']} | {rtn} | "
+            f"{', '.join(map(str, r['seeds']))} | "
             f"{' / '.join(f'{v:.2f}' for v in r['ours'])} | {' / '.join(f'{v:.2f}' for v in r['peer'])} | "
             f"{100 * r['rel_diff_mean']:+.1f}{se} % |"
         )

@@ -18,7 +18,7 @@ def _ours(seed: int, ppl: float, **over) -> dict:
     rec = dict(
         model="m", tool="hf_babai", method="babai", order="act-order", sym=True, bits=3, group_size=64, n_calib=32,
         calib_seqlen=512, scale_method="auto", rescale=False, calib_batch=None, true_sequential=True,
-        damp_width=DAMP_WIDTH, calib_seed=seed, ppl=ppl,
+        damp_width=DAMP_WIDTH, calib_seed=seed, ppl=ppl, windows=4,
     )  # fmt: skip
     rec.update(over)
     return rec
@@ -27,7 +27,7 @@ def _ours(seed: int, ppl: float, **over) -> dict:
 def _peer(seed: int, ppl: float) -> dict:
     return dict(
         model="m", tool="llm-compressor", method="gptq", actorder="static", sym=True, bits=3, group_size=64,
-        n_calib=32, seqlen=512, calib_seed=seed, ppl=ppl, details={"observer_preset": "mse"},
+        n_calib=32, seqlen=512, calib_seed=seed, ppl=ppl, windows=4, details={"observer_preset": "mse"},
     )  # fmt: skip
 
 
@@ -37,7 +37,7 @@ def test_only_default_records_are_paired(paired):
         _ours(0, 1.0, rescale=True), _ours(0, 1.0, damp_width=0.0), _ours(0, 1.0, scale_method="hmse"),
         _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
     ]  # fmt: skip
-    rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0)
+    rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0, windows=4)
     # a 4-bit RTN has no pair (no row); a min/max-scaled RTN is not the baseline
     others = [{**rtn, "bits": 4, "ppl": 7.0}, {**rtn, "scale_method": "minmax", "ppl": 9.0}]
     (row,) = paired.pair([*records, rtn, *others])
@@ -47,10 +47,26 @@ def test_only_default_records_are_paired(paired):
     assert row["rel_diff"] == pytest.approx([0.1, -0.1])
     assert row["rel_diff_mean"] == pytest.approx(0.0)
     assert row["rel_diff_se"] == pytest.approx(math.sqrt(0.02 / 1 / 2))  # sample variance 0.02, two seeds
-    assert "| 42 | 0, 1 |" in paired.markdown([row]) and "+0.0 ± 10.0 %" in paired.markdown([row])
+    assert "| 4 | 42 | 0, 1 |" in paired.markdown([row]) and "+0.0 ± 10.0 %" in paired.markdown([row])
 
 
 def test_two_bit_default_is_two_passes(paired):
     two_bit = dict(bits=2, scale_method="mse")
     assert not paired.is_default_ours(_ours(0, 1.0, **two_bit))  # one pass at 2 bits is not the default
     assert paired.is_default_ours(_ours(0, 1.0, true_sequential=False, **two_bit))
+
+
+def test_evaluation_sizes_are_not_mixed(paired):
+    """A full-book evaluation (81 windows) is a different measurement from the 4-window one: separate rows, each
+    with its own RTN, and an ours/peer pair only within one size."""
+    rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64)
+    records = [
+        _ours(0, 11.0), _peer(0, 10.0), {**rtn, "ppl": 42.0, "windows": 4},
+        {**_ours(0, 30.0), "windows": 81}, {**_peer(0, 33.0), "windows": 81}, {**rtn, "ppl": 50.0, "windows": 81},
+        {**_ours(1, 5.0), "windows": 81}, _peer(1, 5.5),  # seed 1: the two tools on different texts, no pair
+    ]  # fmt: skip
+    rows = {r["windows"]: r for r in paired.pair(records)}
+    assert sorted(rows) == [4, 81]
+    assert rows[4]["ours"] == [11.0] and rows[4]["peer"] == [10.0] and rows[4]["rtn"] == 42.0
+    assert rows[81]["ours"] == [30.0] and rows[81]["peer"] == [33.0] and rows[81]["rtn"] == 50.0
+    assert rows[81]["seeds"] == [0]
