@@ -7,6 +7,7 @@ Kept small for CI: 8 calibration windows of 256 tokens, 4-bit group 64.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,65 +30,19 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "It is a truth universally acknowledged, that a single man"
 
-QUANTIZE_SCRIPT = r"""
-import json, resource, sys, threading, time, torch
-def anon_mb():  # private (anonymous) resident memory; mmapped checkpoint pages are page cache, not counted
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-peak = {"anon": 0.0}
-def sample():
-    while True:
-        peak["anon"] = max(peak["anon"], anon_mb())
-        time.sleep(0.005)
-threading.Thread(target=sample, daemon=True).start()
-import hf_babai
-import hf_babai.engine as engine
-from hf_babai.formats import BabaiLinear
-from transformers import AutoModelForCausalLM
-base = anon_mb()
-# float Linear weight bytes materialized in the decoder blocks (offloaded ones sit on the meta device), sampled
-# right after each block is onloaded: the most float weight the quantizer ever holds at once
-float_peak = {"mb": 0.0}
-def float_block_mb(model):
-    _, blocks = engine.find_blocks(model)
-    return sum(
-        m.weight.numel() * m.weight.element_size() for m in blocks.modules()
-        if isinstance(m, torch.nn.Linear) and not isinstance(m, BabaiLinear) and m.weight.device.type != "meta"
-    ) / 2**20
-_onload = engine.onload_block
-def onload_and_measure(block):
-    _onload(block)
-    float_peak["mb"] = max(float_peak["mb"], float_block_mb(model_ref[0]))
-engine.onload_block = onload_and_measure
-model_ref = [None]
-_find = engine.find_blocks
-def find_and_remember(model):  # quantize_model looks up its model's blocks first
-    model_ref[0] = model
-    return _find(model)
-engine.find_blocks = find_and_remember
-src, out, ids_file, offload = sys.argv[1:5]
-ids = torch.load(ids_file)
-cfg = hf_babai.BabaiConfig(bits=4, group_size=64, dataset=ids)
-kw = dict(device_map="auto", max_memory={"cpu": "160MiB"}, offload_folder=offload) if offload != "-" else {}
-model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
-disk = sorted(k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if v == "disk")
-model.save_pretrained(out)
-with torch.no_grad():
-    torch.save(model(ids[:2, :128]).logits, out + "/logits.pt")
-print(json.dumps({
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "base_anon_mb": base, "peak_anon_mb": peak["anon"], "disk": disk, "float_peak_mb": float_peak["mb"],
-}))
-"""
+
+def _offload_bench():
+    """``bench/offload_memory.py`` (a script folder, not a package): its child process quantizes on load and
+    measures memory; the same code gives the README's Qwen figure."""
+    spec = importlib.util.spec_from_file_location("bench_offload_memory", ROOT / "bench" / "offload_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _quantize_in_subprocess(src: Path, out: Path, ids_file: Path, offload: str) -> dict:
-    """Each run in its own process, so its peak RSS is its own."""
-    args = [sys.executable, "-c", QUANTIZE_SCRIPT, str(src), str(out), str(ids_file), offload]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Each run in its own process, so its peak RSS is its own (4-bit g64; 160 MiB of CPU when offloaded)."""
+    return _offload_bench().run_child(src, out, ids_file, offload, "160MiB" if offload != "-" else "-", 4, 64)
 
 
 @pytest.fixture(scope="module")

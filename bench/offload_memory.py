@@ -1,0 +1,148 @@
+"""Memory of quantize-on-load with most decoder blocks offloaded to disk, against the same run in memory.
+
+Each run is its own process (so its peak RSS is its own): ``from_pretrained(..., quantization_config=BabaiConfig)``
+in fp32, in memory and with ``device_map="auto"``, ``max_memory={"cpu": MAX}`` and an ``offload_folder``. One JSON
+record compares them: peak RSS (includes mmapped checkpoint pages, so it depends on the page cache), peak private
+(anonymous) memory above the process baseline, the most float Linear weight materialized in the decoder blocks
+at once (sampled as each block is onloaded: the property offloading is for), the fp32 checkpoint size, the blocks
+on disk, and whether the two quantized models give identical logits. ``integration_tests/test_hf_real.py`` runs
+the same child on SmolLM2-135M and asserts the float-weight count and the identical logits.
+
+    .venv/bin/python bench/offload_memory.py --model qwen2.5-0.5b --max-memory 400MiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def anon_mb() -> float:
+    """Private (anonymous) resident memory of this process; mmapped checkpoint pages are page cache, not counted."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (this measurement needs Linux)")
+
+
+def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits: int, group_size: int) -> dict:
+    """Quantize on load (offloaded unless ``offload == "-"``), save to ``out`` with logits, return the memory record."""
+    import resource
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_babai
+    import hf_babai.engine as engine
+    from hf_babai.formats import BabaiLinear
+
+    peak = {"anon": 0.0, "float": 0.0}
+
+    def sample() -> None:
+        while True:
+            peak["anon"] = max(peak["anon"], anon_mb())
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    base = anon_mb()
+    model_ref: list = [None]
+
+    def float_block_mb(model) -> float:
+        _, blocks = engine.find_blocks(model)
+        lin = [m for m in blocks.modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, BabaiLinear)]
+        return sum(m.weight.numel() * m.weight.element_size() for m in lin if m.weight.device.type != "meta") / 2**20
+
+    onload, find = engine.onload_block, engine.find_blocks
+
+    def onload_and_measure(block) -> None:  # right after each onload: the most float weight held at once
+        onload(block)
+        peak["float"] = max(peak["float"], float_block_mb(model_ref[0]))
+
+    def find_and_remember(model):  # quantize_model looks up its model's blocks first
+        model_ref[0] = model
+        return find(model)
+
+    engine.onload_block, engine.find_blocks = onload_and_measure, find_and_remember
+    ids = torch.load(ids_file)
+    cfg = hf_babai.BabaiConfig(bits=bits, group_size=group_size, dataset=ids)
+    kw = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload} if offload != "-" else {}
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
+    seconds = time.perf_counter() - t0
+    disk = sorted(k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if v == "disk")
+    model.save_pretrained(out)
+    with torch.no_grad():
+        torch.save(model(ids[:2, :128]).logits, Path(out) / "logits.pt")
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "base_anon_mb": base, "peak_anon_mb": peak["anon"], "disk": disk, "float_peak_mb": peak["float"],
+        "seconds": seconds,
+    }  # fmt: skip
+
+
+def run_child(src: Path, out: Path, ids_file: Path, offload: str, max_memory: str, bits: int, group: int) -> dict:
+    """:func:`child` in a fresh process; its record."""
+    args = [sys.executable, __file__, "--one", str(src), str(out), str(ids_file), offload, max_memory]
+    proc = subprocess.run([*args, str(bits), str(group)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"quantize-on-load child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        src, out, ids_file, offload, max_memory, bits, group = sys.argv[2:9]
+        print(json.dumps(child(src, out, ids_file, offload, max_memory, int(bits), int(group))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-memory", default="160MiB", help="accelerate's CPU budget; the rest goes to disk")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--out", type=Path, help="append the JSON record here too")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_babai import assets
+    from hf_babai.perplexity import calibration_windows
+
+    src = assets.ensure_model(args.model)
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = calibration_windows(tok, assets.calibration_text(), n=args.calib, seqlen=args.calib_seqlen)
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        torch.save(ids, tmp / "ids.pt")
+        runs = {
+            "in_memory": run_child(src, tmp / "inmem", tmp / "ids.pt", "-", "-", args.bits, args.group_size),
+            "offloaded": run_child(
+                src, tmp / "offloaded", tmp / "ids.pt", str(tmp / "off"), args.max_memory, args.bits, args.group_size
+            ),
+        }
+        same = torch.equal(torch.load(tmp / "inmem" / "logits.pt"), torch.load(tmp / "offloaded" / "logits.pt"))
+    fp32_mb = sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) / 2**20
+    for r in runs.values():
+        r["on_disk"] = r.pop("disk")  # device-map keys; [""] = the whole model
+        r["private_above_base_mb"] = r["peak_anon_mb"] - r["base_anon_mb"]
+    rec = {
+        "model": args.model, "bits": args.bits, "group_size": args.group_size,
+        "calib": f"{args.calib}x{args.calib_seqlen}", "max_memory": args.max_memory,
+        "fp32_checkpoint_mb": fp32_mb, "logits_equal": same, **runs,
+    }  # fmt: skip
+    print(json.dumps(rec))
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
