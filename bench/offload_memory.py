@@ -47,9 +47,13 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
     peak = {"anon": 0.0, "float": 0.0}
     trace: list[float] = []
 
+    phase = {"now": "loading", "at_peak": "loading"}  # what the process was doing when private memory peaked
+
     def sample() -> None:
         while True:
-            peak["anon"] = max(peak["anon"], anon_mb())
+            now = anon_mb()
+            if now > peak["anon"]:
+                peak["anon"], phase["at_peak"] = now, phase["now"]
             time.sleep(0.005)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -65,12 +69,14 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
 
     def onload_and_measure(block) -> None:  # right after each onload: the most float weight held at once
         trace.append(round(anon_mb(), 1))  # private memory as each block starts: growth per block shows here
+        phase["now"] = f"block {len(trace) - 1}"
         onload(block)
         peak["float"] = max(peak["float"], float_block_mb(model_ref[0]))
 
     def find_and_remember(model):  # quantize_model looks up its model's blocks first
         if model_ref[0] is None:  # loading is over: how much of the peak did it alone reach?
             peak["anon_loading"] = max(peak["anon"], anon_mb())
+            phase["now"] = "calibration inputs"
         model_ref[0] = model
         return find(model)
 
@@ -82,6 +88,7 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
     seconds = time.perf_counter() - t0
     peak_load_quantize = max(peak["anon"], anon_mb())  # before save_pretrained and the logits forward
+    phase["now"] = "save and logits"
     disk = sorted(k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if v == "disk")
     model.save_pretrained(out)
     with torch.no_grad():
@@ -90,7 +97,7 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "base_anon_mb": base, "peak_anon_mb": peak["anon"], "peak_anon_loading_mb": peak.get("anon_loading"),
         "peak_anon_until_quantized_mb": peak_load_quantize, "anon_at_onload_mb": trace,
-        "disk": disk, "float_peak_mb": peak["float"], "seconds": seconds,
+        "phase_at_peak_anon": phase["at_peak"], "disk": disk, "float_peak_mb": peak["float"], "seconds": seconds,
     }  # fmt: skip
 
 
