@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import gc
 import logging
 import time
@@ -348,14 +347,20 @@ class _BlockQuantizer:
         self.originals: dict[str, torch.Tensor] = {}
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
 
-    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, *, streaming: bool = False) -> None:
         """Adds ``x`` to ``name``'s Hessian. Siblings called back to back on the very same tensor object
         (``q/k/v``, ``gate/up``) share one accumulator; only the last input is remembered, by identity
-        (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs)."""
+        (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs).
+
+        ``streaming`` (the one-pass schedule, where each Linear is solved in its own hook): a new input means
+        every user of the previous one is solved, so that Hessian and its factor are freed now rather than at
+        the end of the block (each is K² float64 words: ~200 MB for a 5k-wide down_proj)."""
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
             self.acc.setdefault(name, last[2])
             return
+        if streaming and last is not None:
+            self._release(last[2])
         acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
         m = mask if mask is not None and mask.shape == x.shape[:-1] else None
         acc.add(x, m)
@@ -363,6 +368,20 @@ class _BlockQuantizer:
 
     def new_batch(self) -> None:
         self._last = None
+
+    def _release(self, acc: HessianAccumulator) -> None:
+        """Drops ``acc`` and its factor (together: factors are keyed by the accumulator's ``id``)."""
+        self.factors.pop(id(acc), None)
+        for n in [n for n, a in self.acc.items() if a is acc]:
+            del self.acc[n]
+        if self._last is not None and self._last[2] is acc:
+            self._last = None
+
+    def release_if_done(self, name: str) -> None:
+        """After ``name`` is solved in the two-pass schedule: free its Hessian once no unsolved Linear shares it."""
+        acc = self.acc.get(name)
+        if acc is not None and all(n in self.results for n, a in self.acc.items() if a is acc):
+            self._release(acc)
 
     def solve(self, name: str) -> QuantResult | EntropyResult:
         lin = self.linears[name]
@@ -394,7 +413,7 @@ class _BlockQuantizer:
         ``"best"`` and ``"auto"`` return the candidate with the lower proxy loss; each candidate is a full,
         exact solve, so the kept stats are those of a real run."""
         spec = self.spec
-        hessian = functools.cache(acc.finalize)  # a [K, K] float64 copy: made once, and only if a refinement runs
+        hessian = acc.finalize  # H itself (finalize scales in place once), only read if a refinement runs
 
         def run(method: str, rescale: bool) -> tuple[QuantResult, QuantResult]:
             babai = babai_quantize(w, factor, spec.grid, scale_method=method, block_size=spec.block_size)
@@ -506,15 +525,22 @@ def _one_pass(
         def hook(mod: nn.Linear, args: tuple) -> None:
             if name in bq.results:
                 raise _CalledTwice(name)
-            bq.accumulate(name, args[0], mask)
+            bq.accumulate(name, args[0], mask, streaming=True)
             res = bq.solve(name)
             bq.originals[name] = mod.weight.data
             mod.weight.data = _dense(res, bq.spec).to(mod.weight.dtype)
 
         return hook
 
+    def restore(mod: nn.Linear, _args: tuple, _out: torch.Tensor) -> None:
+        # the dense quantized copy was only for this call; holding one per Linear would add a float block
+        for name, lin in linears.items():
+            if lin is mod and name in bq.originals:
+                mod.weight.data = bq.originals[name]
+
     for name, lin in linears.items():
         handles.append(lin.register_forward_pre_hook(make_hook(name)))
+        handles.append(lin.register_forward_hook(restore))
     try:
         out = _run_block(block, [inp], device)[0]
     except _CalledTwice:
@@ -555,9 +581,40 @@ def _two_pass(
             hd.remove()
     for name in linears:
         bq.solve(name)
+        bq.release_if_done(name)
     for name, lin in linears.items():
         _swap_in(block, name, lin, bq.results[name], bq.spec)
     return _run_block(block, inputs, device)
+
+
+def _quantize_block(
+    block: nn.Module,
+    b: int,
+    linears: dict[str, nn.Linear],
+    spec: QuantSpec,
+    inputs: list[tuple[torch.Tensor, dict]],
+    masks: list,
+    one_pass: bool,
+) -> tuple[list[torch.Tensor], dict[str, tuple[tuple[int, int], LayerStats]]]:
+    """Quantizes one onloaded block in place; returns its outputs (the next block's inputs) and per-layer stats.
+
+    A function of its own so that everything the solve built — Hessians, factors (for a 5k-wide layer each is
+    ~200 MB), the float weights the one-pass schedule swaps in — is unreachable once it returns, before the
+    caller frees memory; held by a loop variable they lived on into the next block's quantization."""
+    device = execution_device(block)
+    bq = _BlockQuantizer(linears, spec)
+    outputs = None
+    if one_pass:
+        try:
+            outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
+            for name, lin in linears.items():
+                _swap_in(block, name, lin, bq.results[name], spec)
+        except _CalledTwice as e:
+            log.warning("block %d: %s runs twice per forward; this block uses the two-pass schedule", b, e)
+            bq = _BlockQuantizer(linears, spec)
+    if outputs is None:
+        outputs = _two_pass(block, linears, bq, inputs, masks, device)
+    return outputs, {name: (tuple(lin.weight.shape), bq.results[name].stats) for name, lin in linears.items()}
 
 
 def quantize_model(
@@ -609,7 +666,6 @@ def quantize_model(
     for b in bar:
         block = blocks[b]
         onload_block(block)
-        device = execution_device(block)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         if spec.method == "rtn":
             for name, lin in linears.items():
@@ -618,23 +674,12 @@ def quantize_model(
                 records.append(LayerRecord(b, name, *lin.weight.shape, 0, res.stats.as_dict()))
                 _log_layer(records[-1])
             continue
-        bq = _BlockQuantizer(linears, spec)
-        outputs = None
-        if one_pass:
-            try:
-                outputs = [_one_pass(block, linears, bq, inputs[0], masks[0], device)]
-                for name, lin in linears.items():
-                    _swap_in(block, name, lin, bq.results[name], spec)
-            except _CalledTwice as e:
-                log.warning("block %d: %s runs twice per forward; this block uses the two-pass schedule", b, e)
-                bq = _BlockQuantizer(linears, spec)
-        if outputs is None:
-            outputs = _two_pass(block, linears, bq, inputs, masks, device)
+        outputs, stats = _quantize_block(block, b, linears, spec, inputs, masks, one_pass)
+        del linears  # the float Linears: freed below with the block's Hessians and factors
         inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
-        for name, lin in linears.items():
-            st = bq.results[name].stats
+        for name, (shape, st) in stats.items():
             total_loss += st.loss
-            records.append(LayerRecord(b, name, *lin.weight.shape, tokens, st.as_dict()))
+            records.append(LayerRecord(b, name, *shape, tokens, st.as_dict()))
             _log_layer(records[-1])
         bar.set_postfix(loss=f"{total_loss:.4g}")
         _release_freed_memory()

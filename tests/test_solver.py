@@ -194,9 +194,14 @@ def test_hessian_accumulator_streams_and_masks():
     rows = x.reshape(-1, 16)[mask.reshape(-1).bool()].double()
     expect = 2 * rows.T @ rows / rows.shape[0]
     assert acc.n == 130
-    torch.testing.assert_close(acc.finalize(), expect, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="features"):
         acc.add(torch.zeros(2, 15))
+    h = acc.finalize()
+    torch.testing.assert_close(h, expect, rtol=1e-6, atol=1e-6)
+    assert acc.finalize() is h  # scaled once, in place: a second call neither copies nor rescales
+    torch.testing.assert_close(acc.finalize(), expect, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already finalized"):
+        acc.add(x[:1])
 
 
 def test_scales_are_fp16_exact_and_mse_not_worse_than_minmax():
@@ -262,3 +267,67 @@ def test_hmse_in_the_solver_uses_the_damped_diagonal_and_lowers_a_massive_column
     plain = babai_quantize(w, f, grid)
     weighted = babai_quantize(w, f, grid, scale_method="hmse")
     assert weighted.stats.loss < plain.stats.loss
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_factor_is_the_textbook_cholesky_of_the_damped_permuted_hessian_and_leaves_h_alone(order):
+    """The memory-lean factorization (no eye, row-block gather, in-place Cholesky) gives bit-for-bit the
+    factor of the plain formula ``chol((H + λI)[t][:, t])``, and ``H`` (the accumulator's own tensor) is not
+    touched."""
+    _, h = random_problem(3, k=1100)  # > one 1024-row gather block
+    keep = h.clone()
+    f = factor_hessian(h, order)
+    assert torch.equal(h, keep)
+    hd = damped(h, f.damping)
+    assert torch.equal(f.t, babai_order(hd, order))
+    expect, info = torch.linalg.cholesky_ex(hd[f.t][:, f.t], upper=True)
+    assert int(info) == 0 and torch.equal(f.r, expect)
+    assert torch.equal(babai_order(h, order, f.damping), f.t)  # the shift equals forming H + λI
+
+
+def _anon_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.skipif(_anon_mb() is None, reason="reads private memory from /proc (Linux)")
+def test_factor_and_solve_peak_memory_stays_near_two_hessians():
+    """A wide layer's solve holds H (the accumulator's), its factor R and the pass's float32 R/diag(R); nothing
+    else of size K². Before this was bounded, temporaries (eye, H + λI, two gathers, Cholesky's output, the
+    float64 quotient) made the peak ~6 K² float64 words above H, which for Qwen2.5-0.5B's down_proj was
+    ~1.1 GB. Sampled private memory (a sampler can only under-read a peak) must stay below 3.2 K² words."""
+    import contextlib
+    import ctypes
+    import threading
+    import time
+
+    k, n = 2560, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, k, generator=g) * torch.rand(k, generator=g) ** 4
+    h = (x.T @ x).double() * (2 / 3000)
+    w = torch.randn(n, k, generator=g) * 0.02
+    del x
+    kk = k * k * 8 / 2**20
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _anon_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_mb())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        f = factor_hessian(h, "min-pivot")
+        babai_quantize(w, f, Grid(4, True, 64))
+    finally:
+        done.set()
+        th.join()
+    assert (peak[0] - base) / kk < 3.2, f"peak {peak[0] - base:.0f} MB above H = {(peak[0] - base) / kk:.2f} K² words"

@@ -63,8 +63,11 @@ class HessianFactor:
     @property
     def diag_h(self) -> torch.Tensor:
         """``diag(H + λI)`` in original column order (``H = RᵀR`` in t order: column norms² of ``R``)."""
-        out = torch.empty(self.t.numel(), dtype=self.r.dtype, device=self.r.device)
-        out[self.t.to(self.r.device)] = (self.r**2).sum(0)
+        col = torch.zeros(self.t.numel(), dtype=self.r.dtype, device=self.r.device)
+        for a in range(0, col.numel(), 1024):  # row blocks: no full-size R² temporary
+            col += (self.r[a : a + 1024] ** 2).sum(0)
+        out = torch.empty_like(col)
+        out[self.t.to(self.r.device)] = col
         return out
 
 
@@ -112,25 +115,51 @@ def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01
     if not torch.isfinite(h).all():
         raise ValueError("Hessian has NaN/inf entries: the calibration activations overflowed")
     h = h.double()
-    c = h.shape[0]
     diag = torch.diagonal(h)
     if (diag < 0).any():
         raise ValueError("Hessian has a negative diagonal entry: it is not XᵀX of any activations")
     dead = int((diag == 0).sum())
     scale = float(diag.mean()) if float(diag.mean()) > 0 else 1.0
     lam = damp * scale
-    eye = torch.eye(c, dtype=h.dtype, device=h.device)
+    rank = numerical_rank(h)
     for _ in range(16):
-        hd = h + lam * eye
         try:
-            t = babai_order(hd, order)
-            r, info = torch.linalg.cholesky_ex(hd[t][:, t], upper=True)
+            t = babai_order(h, order, lam)
+            r, info = _cholesky_upper_inplace(_permuted_damped(h, t, lam))
             if int(info) == 0:
-                return HessianFactor(order, t, r, lam, numerical_rank(h), dead)
+                return HessianFactor(order, t, r, lam, rank, dead)
         except torch.linalg.LinAlgError:
             pass
         lam = max(lam * 10.0, 1e-8 * scale)
     raise RuntimeError(f"could not factor the Hessian even with damping {lam:g}; it is not symmetric PSD")
+
+
+def _permuted_damped(h: torch.Tensor, t: torch.Tensor, lam: float, rows: int = 1024) -> torch.Tensor:
+    """``(H + λI)[t][:, t]`` as one new matrix in column-major layout (what LAPACK factors in place), gathered in
+    row blocks so no second full-size copy exists (``h[t][:, t]`` would make two). Same values as forming
+    ``H + λI`` first (off-diagonal ``+ 0`` is exact), also where rounding left ``H`` slightly asymmetric."""
+    buf = torch.empty_like(h)  # buf = P^T row-major, i.e. P column-major
+    for a in range(0, t.numel(), rows):
+        buf[a : a + rows] = h[t[None, :], t[a : a + rows, None]]
+    p = buf.T
+    p.diagonal().add_(lam)
+    return p
+
+
+def _cholesky_upper_inplace(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of column-major ``a``, written over ``a``'s memory: ``(R, info)``.
+
+    Why: ``torch.linalg.cholesky_ex`` returns a fresh matrix, so ``a`` and ``R`` would coexist — the largest
+    term of the solver's peak memory on wide layers. LAPACK factors a column-major matrix in place, so passing
+    ``a`` as both input and output factors it in place, bit-identical to the out-of-place call (tested); ``R``
+    keeps that column-major layout. Where a backend refuses the aliased ``out=``, the ordinary call gives the
+    same numbers with one more copy."""
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    try:
+        torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
+    except RuntimeError:
+        return torch.linalg.cholesky_ex(a, upper=True)
+    return a, info
 
 
 def factor_scales(
@@ -183,7 +212,9 @@ def babai_quantize(
     wt = w[:, t].T.contiguous().to(dtype)
     r = factor.r.to(dev)
     rdiag = torch.diagonal(r)
-    m = (r / rdiag[:, None]).to(dtype)
+    m = torch.empty(k, k, dtype=dtype, device=dev)  # R / diag(R) in the pass's precision, made in row blocks
+    for a in range(0, k, 1024):  # so the float64 quotient never exists at full size
+        m[a : a + 1024] = (r[a : a + 1024] / rdiag[a : a + 1024, None]).to(dtype)
     maxq = grid.maxq if clip else None
     if outliers and not clip:
         raise ValueError("outliers=True keeps fixed-width inlier codes: it needs clip=True")

@@ -23,14 +23,20 @@ import torch
 ORDERS = ("natural", "act-order", "min-pivot")
 
 
-def pivoted_cholesky(a: torch.Tensor, *, largest: bool, tol: float = 0.0, block: int = 512) -> tuple[torch.Tensor, int]:
-    """Greedy diagonal-pivoted Cholesky ``A[p][:, p] = L Lᵀ``; returns the pivot order only.
+def pivoted_cholesky(
+    a: torch.Tensor, *, largest: bool, tol: float = 0.0, block: int = 512, shift: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Greedy diagonal-pivoted Cholesky ``(A + shift·I)[p][:, p] = L Lᵀ``; returns the pivot order only.
 
     Args:
-        a: symmetric positive semidefinite matrix (not modified).
+        a: symmetric positive semidefinite matrix (not modified, and not copied: the first panel reads it in
+            place, so the extra memory is one compacted Schur complement, never a second full copy).
         largest: pick the largest remaining Schur diagonal (rank-revealing, LAPACK's rule) or the smallest
             (the paper's min-pivot rule).
         tol: stop when the chosen pivot is ``<= tol``; the number of pivots taken is the numerical rank.
+        shift: added to the diagonal (damping) without forming ``A + shift·I``. The diagonal of the work matrix
+            is never read (pivot values come from ``d``, and each pivot's own entry of its column is
+            overwritten), so only ``d`` carries the shift; the result equals ``pivoted_cholesky(A + shift·I)``.
         block: pivots per panel. Inside a panel each pivot costs one row read and one small matrix–vector
             product (no row/column swaps: taken indices are masked); at the end of the panel the Schur
             complement of the remaining indices is formed with one matrix product and compacted, so the
@@ -42,8 +48,8 @@ def pivoted_cholesky(a: torch.Tensor, *, largest: bool, tol: float = 0.0, block:
     """
     n = a.shape[0]
     rem = torch.arange(n, device=a.device)
-    work = a.clone()
-    d = torch.diagonal(work).clone()
+    work = a
+    d = torch.diagonal(a) + shift if shift else torch.diagonal(a).clone()
     taken: list[torch.Tensor] = []
     masked = float("-inf") if largest else float("inf")
     pick = torch.argmax if largest else torch.argmin
@@ -73,7 +79,7 @@ def pivoted_cholesky(a: torch.Tensor, *, largest: bool, tol: float = 0.0, block:
         taken.append(rem[torch.tensor(picks, dtype=torch.long, device=a.device)])
         keep = (~chosen).nonzero().squeeze(1)
         rest = panel.index_select(1, keep)
-        work = work.index_select(0, keep).index_select(1, keep).addmm_(rest.T, rest, alpha=-1.0)
+        work = work[keep[:, None], keep].addmm_(rest.T, rest, alpha=-1.0)  # one gather: no row-selected copy
         d = d.index_select(0, keep)
         rem = rem.index_select(0, keep)
     return torch.cat(taken), k
@@ -91,16 +97,17 @@ def numerical_rank(h: torch.Tensor) -> int:
     return pivoted_cholesky(h32, largest=True, tol=tol)[1]
 
 
-def babai_order(h_damped: torch.Tensor, order: str) -> torch.Tensor:
-    """Babai order ``t`` (``reversed`` GPTQ processing order) for a damped Hessian."""
-    c = h_damped.shape[0]
+def babai_order(h: torch.Tensor, order: str, damping: float = 0.0) -> torch.Tensor:
+    """Babai order ``t`` (``reversed`` GPTQ processing order) for ``H + damping·I`` (the damped matrix is
+    never formed: for a 5k-wide layer each full copy is ~200 MB)."""
+    c = h.shape[0]
     if order == "natural":
-        return torch.arange(c - 1, -1, -1, device=h_damped.device)
+        return torch.arange(c - 1, -1, -1, device=h.device)
     if order == "act-order":
-        gptq = torch.argsort(torch.diagonal(h_damped), descending=True, stable=True)
+        gptq = torch.argsort(torch.diagonal(h) + damping, descending=True, stable=True)
         return gptq.flip(0)
     if order == "min-pivot":
-        perm, rank = pivoted_cholesky(h_damped, largest=False)
+        perm, rank = pivoted_cholesky(h, largest=False, shift=damping)
         if rank < c:
             raise torch.linalg.LinAlgError("damped Hessian is not positive definite")
         return perm

@@ -149,7 +149,8 @@ def refine_result(
     ``stats.loss`` becomes the refined undamped loss; ``stats.loss_babai`` keeps Babai's."""
     start = time.perf_counter()
     k = w.shape[1]
-    hd = h.double() + damping * torch.eye(k, dtype=torch.float64, device=h.device)
+    hd = h.to(torch.float64, copy=True)  # H + λI without a second full-size temporary (eye)
+    hd.diagonal().add_(damping)
     codes, scales = res.codes, res.scales
     if rescale:
         scales = refit_scales(w, hd, codes, scales, res.zeros, grid)
