@@ -4,7 +4,9 @@
         --out bench/results/frontier_smollm2-135m.png
 
 Each series is one method (tool, method, order, outlier rate); points are joined in bpw order. The float model,
-when present, is a horizontal line. Needs the ``bench`` extra (matplotlib).
+when present, is a horizontal line. Only one calibration seed (``--seed``, default 0) and one evaluation size
+(4 windows) are drawn, and where a file holds several records of the same series at the same bits (re-runs under
+older defaults), the last one — today's — is drawn. Needs the ``bench`` extra (matplotlib).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-ppl", type=float, default=None, help="clip the y axis (very bad points go off-chart)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed to draw")
     args = p.parse_args(argv)
 
     import matplotlib
@@ -45,10 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(models) != 1:
         raise SystemExit(f"one model per plot, got {sorted(models)}")
     fp = [r["ppl"] for r in recs if r["method"] == "fp"]
+    latest: dict[tuple[str, float], float] = {}
+    for r in recs:  # file order: a later record of the same point replaces an earlier one
+        same_eval = r.get("calib_seed", 0) == args.seed and r.get("windows", 4) == 4
+        if r["method"] != "fp" and r.get("bpw") is not None and same_eval:
+            latest[(series_name(r), round(r["bpw"], 4))] = r["ppl"]
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in recs:
-        if r["method"] != "fp" and r.get("bpw") is not None:
-            groups[series_name(r)].append((r["bpw"], r["ppl"]))
+    for (name, bpw), ppl in latest.items():
+        groups[name].append((bpw, ppl))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in sorted(groups.items()):
         pts.sort()

@@ -22,7 +22,6 @@ import hashlib
 import importlib.resources
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,21 +179,41 @@ def evaluate(
     return Evaluation(results, cards, {"tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot})
 
 
+def include_builtin_tasks(folder: str | Path) -> None:
+    """Makes every lm-eval ``TaskManager`` in this process also index ``folder``, next to the user's own
+    ``--include_path``.
+
+    Why not edit the command line: lm-eval 0.4's CLI takes one ``--include_path`` string and turns it into one
+    path (a joined ``a,b`` or ``a:b`` names no folder), while ``TaskManager`` itself accepts a list. So the
+    ``hf-babai-lm-eval`` wrapper leaves the user's arguments exactly as typed and appends the built-in folder here."""
+    import inspect
+
+    from lm_eval import tasks
+
+    init = tasks.TaskManager.__init__
+    if getattr(init, "_babai_extra", None) == str(folder):
+        return
+    sig = inspect.signature(init)
+
+    def with_builtin(self, *args: Any, **kwargs: Any) -> None:
+        bound = sig.bind(self, *args, **kwargs)
+        user = bound.arguments.get("include_path")
+        paths = list(user) if isinstance(user, (list, tuple)) else ([user] if user else [])
+        bound.arguments["include_path"] = [*paths, str(folder)]
+        init(*bound.args, **bound.kwargs)
+
+    with_builtin._babai_extra = str(folder)  # type: ignore[attr-defined]
+    tasks.TaskManager.__init__ = with_builtin
+
+
 def lm_eval_main() -> None:
-    """``hf-babai-lm-eval``: lm-eval's CLI after ``import hf_babai``, with the built-in task folder included."""
+    """``hf-babai-lm-eval``: lm-eval's CLI after ``import hf_babai``, with the built-in task folder included
+    (also alongside a user's own ``--include_path``)."""
     import hf_babai  # noqa: F401  (registers quant_method="babai" with transformers)
 
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
         raise SystemExit("hf-babai-lm-eval needs lm-eval: pip install 'hf-babai[eval]'") from e
-    argv = sys.argv[1:]
-    if any(BUILTIN_TASK in a for a in argv):
-        folder = str(ppl_task())
-        if "--include_path" in argv:
-            i = argv.index("--include_path")
-            argv[i + 1] = f"{argv[i + 1]},{folder}" if i + 1 < len(argv) else folder
-        else:
-            argv += ["--include_path", folder]
-    sys.argv = [sys.argv[0], *argv]
+    include_builtin_tasks(ppl_task())
     cli_evaluate()

@@ -237,3 +237,23 @@ def test_builtin_task_text_is_packaged_and_custom_text_works(tmp_path):
     assert str((folder / "mine.jsonl").resolve()) in (folder / "mine.yaml").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         hf_babai.eval.ppl_task(tmp_path / "missing.txt")
+
+
+def test_lm_eval_wrapper_keeps_a_users_include_path_next_to_the_builtin_task(tmp_path):
+    """``hf-babai-lm-eval --include_path MINE --tasks mine,babai_ppl`` must see both folders: lm-eval's CLI turns
+    one ``--include_path`` string into one path, so joining the two there (the old wrapper did) found neither."""
+    (tmp_path / "t.txt").write_text("A paragraph.\n")
+    mine = hf_babai.eval.ppl_task(tmp_path / "t.txt", name="mine", folder=tmp_path / "mine")
+    code = f"""
+import hf_babai.eval as ev
+from lm_eval.tasks import TaskManager
+ev.include_builtin_tasks(ev.ppl_task())
+ev.include_builtin_tasks(ev.ppl_task())  # idempotent
+with_user = TaskManager(include_path={str(mine)!r}).all_tasks
+alone = TaskManager().all_tasks
+assert "mine" in with_user and "babai_ppl" in with_user, [t for t in with_user if "mine" in t or "babai" in t]
+assert "babai_ppl" in alone and "mine" not in alone
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
