@@ -59,6 +59,15 @@ model = AutoModelForCausalLM.from_pretrained("tester/smol-babai")
 with torch.no_grad():
     torch.save(model(ids).logits, out + "/hub_logits.pt")
 res["files"] = sorted(HfApi().list_repo_files("tester/smol-babai"))
+# the Python path of the README: publish a model object with its tokenizer, to a new branch of a private repo
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(ckpt)
+hf_babai.publish(model, "smol-object", tokenizer=tok, base_model=sys.argv[4], private=True, revision="v1")
+res["object_files"] = sorted(HfApi().list_repo_files("tester/smol-object", revision="v1"))
+obj = AutoModelForCausalLM.from_pretrained("tester/smol-object", revision="v1")
+with torch.no_grad():
+    torch.save(obj(ids).logits, out + "/object_logits.pt")
+res["object_private"] = HfApi().model_info("tester/smol-object").private
 # transformers' own push_to_hub: to the published repo it keeps our card; to a new repo it uploads a checkpoint
 # that reloads (with transformers' generic card)
 model.add_model_tags(["pushed-again"])  # a change, so transformers really rewrites the card in this commit
@@ -98,6 +107,19 @@ def test_optimum_style_api_equals_quantize_on_load(quantized):
         assert torch.equal(onload(quantized["ids"]).logits, ref)
         assert torch.equal(reloaded(quantized["ids"]).logits, ref)
     assert (quantized["tmp"] / "ckpt" / "quant_log.csv").read_text().count("\n") == 211
+    # optimum's OptimumQuantizer flow: from_pretrained(model) then quantize(save_dir) gives the same checkpoint
+    fp = AutoModelForCausalLM.from_pretrained(quantized["src"], dtype=torch.float32).eval()
+    bound = hf_babai.BabaiQuantizer.from_pretrained(fp, bits=4, group_size=64, dataset=quantized["calib"])
+    with pytest.raises(ValueError, match="file_prefix"):
+        bound.quantize(quantized["tmp"] / "opt", file_prefix="x")
+    bound.tokenizer = quantized["tok"]
+    saved = bound.quantize(quantized["tmp"] / "opt")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(saved)(quantized["ids"]).logits, ref)
+    by_path = hf_babai.BabaiQuantizer.from_pretrained(quantized["src"], bits=3, dataset="austen")
+    assert by_path.model is not None and by_path.tokenizer is not None and by_path.config.bits == 3
+    with pytest.raises(ValueError, match="no model bound"):
+        hf_babai.BabaiQuantizer(bits=4, dataset="austen").quantize(quantized["tmp"] / "none")
     # GPTQ options that would change the result are refused, harmless ones accepted
     # GPTQ's true_sequential is passed on (hf_babai's default is None, the engine's auto schedule)
     assert hf_babai.BabaiQuantizer(bits=4, dataset="austen", true_sequential=True).config.true_sequential
@@ -145,6 +167,8 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
     assert "refused the upload to someone-else/repo (403" in res["other_namespace"]
     assert "can write to that namespace" in res["other_namespace"]
     assert "tester/wrong-token" not in hub.repos and "tester/no-token" not in hub.repos  # nothing was created
+    bad_token_calls = [(m, p) for m, p, _ in hub.requests if "wrong-token" in p or "no-token" in p]
+    assert not bad_token_calls, bad_token_calls  # not even a repo lookup or pre-upload call for those repos
     assert bad.returncode == 1 and "error: the Hub rejected the token (401" in bad.stderr, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr and "hf_nope" not in bad.stderr
     assert good.returncode == 0 and "published: " in good.stdout, good.stderr[-2000:]
@@ -157,8 +181,13 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
         ref = quantized["model"](quantized["ids"]).logits
     assert torch.equal(torch.load(tmp_path / "hub_logits.pt"), ref)
     assert torch.equal(torch.load(tmp_path / "plain_logits.pt"), ref)
+    assert torch.equal(torch.load(tmp_path / "object_logits.pt"), ref)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):  # no quant_log.csv: this model
+        assert f in res["object_files"], res["object_files"]  # was loaded, not quantized, in that process
+    assert res["object_private"] is True and "v1" in hub.repos["tester/smol-object"].refs
     # the card as the Hub serves it parses with huggingface_hub's own validation (model-index included)
     repo = hub.repos["tester/smol-babai"]
+    assert repo.commits[repo.refs["main"]]["model.safetensors"].lfs  # the weights went through the LFS endpoints
     readme = hub.blob(repo.commits[repo.refs["main"]]["README.md"].sha256).decode()
     card = ModelCard(readme)
     assert card.data.base_model == BASE and card.data.base_model_relation == "quantized"
@@ -224,6 +253,10 @@ def test_evaluate_with_lm_eval_offline_and_the_unmodified_cli(quantized, tmp_pat
     saved = json.loads((quantized["tmp"] / "ckpt" / "eval_results.json").read_text())
     assert abs(saved["results"]["babai_ppl"]["word_perplexity"] - qw) < 1e-6 * qw
     assert "word_perplexity" in ev.stdout
+    # ...in the form the card takes (what `hf-babai publish` passes on): model-index with the measured value
+    card = hf_babai.hub.build_card(quantized["tmp"] / "ckpt", "tester/smol", eval_results=saved["eval_results"])
+    index = {e.metric_type: e.metric_value for e in ModelCard(str(card)).data.eval_results}
+    assert abs(index["word_perplexity"] - qw) < 1e-6 * qw and "bits_per_byte" in index
     (quantized["tmp"] / "ckpt" / "eval_results.json").unlink()
 
 
