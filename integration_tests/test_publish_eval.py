@@ -290,3 +290,16 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_wheel_ships_the_builtin_task_text_and_the_card_template(tmp_path):
+    """The offline lm-eval task and the model card must work from an installed wheel, not only from a checkout."""
+    import zipfile
+
+    cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w"]
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("hf_babai-*.whl"))).namelist()
+    for f in ("hf_babai/data/persuasion_ch1-4.txt", "hf_babai/model_cards/babai.md", "hf_babai/eval.py"):
+        assert f in names, f
+    assert not any(n.startswith("kernels/") for n in names)  # Hugging Face's `kernels` package owns that name
