@@ -3,7 +3,9 @@
     .venv/bin/python bench/plot.py bench/results/quality_smollm2-135m.jsonl bench/results/nonclip_smollm2-135m.jsonl \\
         --out bench/results/frontier_smollm2-135m.png
 
-Each series is one method (tool, method, order, outlier rate); points are joined in bpw order. The float model,
+Each series is one method (tool, method, order, outlier rate); points are joined in bpw order. The int-format
+Babai and GPTQ series show only records of today's defaults (``paired.is_default_ours`` / ``is_default_peer``),
+the same selection as the README's paired table. The float model,
 when present, is a horizontal line. Only one calibration seed (``--seed``, default 0) and one evaluation size
 (4 windows) are drawn, and where a file holds several records of the same series at the same bits (re-runs under
 older defaults), the last one — today's — is drawn. Needs the ``bench`` extra (matplotlib).
@@ -15,6 +17,8 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from paired import is_default_ours, is_default_peer  # bench/ is on sys.path when this runs as a script
 
 
 def series_name(rec: dict) -> str:
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     latest: dict[tuple[str, float], float] = {}
     for r in recs:  # file order: a later record of the same point replaces an earlier one
         same_eval = r.get("calib_seed", 0) == args.seed and r.get("windows", 4) == 4
+        if r.get("tool") == "llm-compressor" and not is_default_peer(r):
+            continue
+        if r.get("tool") == "hf_babai" and r["method"] == "babai" and not is_default_ours(r):
+            continue
         if r["method"] != "fp" and r.get("bpw") is not None and same_eval:
             latest[(series_name(r), round(r["bpw"], 4))] = r["ppl"]
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
