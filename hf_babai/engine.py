@@ -405,6 +405,7 @@ class _BlockQuantizer:
         else:
             res = self._solve_int(w, factor, acc)
         self.results[name] = res
+        _trim_heap()
         return res
 
     def _solve_int(self, w: torch.Tensor, factor: HessianFactor, acc: HessianAccumulator) -> QuantResult:
@@ -488,9 +489,16 @@ def _release_freed_memory() -> None:
 
     The replaced Linears of an accelerate-offloaded block sit in reference cycles (its hooks wrap ``forward``
     in closures over the module), so they are only freed by the cycle collector: without ``gc.collect`` an
-    offloaded run keeps one float block per quantized block. ``malloc_trim`` (glibc only) then hands the freed
-    heap back, since glibc keeps mid-sized chunks after its mmap threshold has grown."""
+    offloaded run keeps one float block per quantized block."""
     gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """``malloc_trim`` (glibc only): hands freed heap back to the OS. glibc keeps freed mid-sized chunks (its mmap
+    threshold grows to 32 MB as large tensors are freed), so the freed temporaries of one layer's solve would
+    otherwise still count against the process while the next, wider layer allocates its own; called after each
+    layer and each block (a few milliseconds)."""
     try:
         import ctypes
 
