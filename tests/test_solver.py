@@ -331,3 +331,18 @@ def test_factor_and_solve_peak_memory_stays_near_two_hessians():
         done.set()
         th.join()
     assert (peak[0] - base) / kk < 3.2, f"peak {peak[0] - base:.0f} MB above H = {(peak[0] - base) / kk:.2f} K² words"
+
+
+def test_backends_refusing_the_in_place_cholesky_get_the_same_factor(monkeypatch):
+    import hf_babai.solver.babai as babai
+
+    _, h = random_problem(1, k=80)
+    ref = factor_hessian(h, "min-pivot")
+
+    def refuse(a):
+        a.fill_(float("nan"))  # even a half-written buffer must not leak into the factor
+        raise RuntimeError("unsupported operation: input and output overlap")
+
+    monkeypatch.setattr(babai, "_cholesky_upper_inplace", refuse)
+    f = factor_hessian(h, "min-pivot")
+    assert torch.equal(f.r, ref.r) and torch.equal(f.t, ref.t) and f.damping == ref.damping

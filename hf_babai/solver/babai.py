@@ -125,7 +125,10 @@ def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01
     for _ in range(16):
         try:
             t = babai_order(h, order, lam)
-            r, info = _cholesky_upper_inplace(_permuted_damped(h, t, lam))
+            try:
+                r, info = _cholesky_upper_inplace(_permuted_damped(h, t, lam))
+            except RuntimeError:  # a backend that refuses the aliased out=: same numbers, one more copy
+                r, info = torch.linalg.cholesky_ex(_permuted_damped(h, t, lam), upper=True)
             if int(info) == 0:
                 return HessianFactor(order, t, r, lam, rank, dead)
         except torch.linalg.LinAlgError:
@@ -152,13 +155,10 @@ def _cholesky_upper_inplace(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Why: ``torch.linalg.cholesky_ex`` returns a fresh matrix, so ``a`` and ``R`` would coexist — the largest
     term of the solver's peak memory on wide layers. LAPACK factors a column-major matrix in place, so passing
     ``a`` as both input and output factors it in place, bit-identical to the out-of-place call (tested); ``R``
-    keeps that column-major layout. Where a backend refuses the aliased ``out=``, the ordinary call gives the
-    same numbers with one more copy."""
+    keeps that column-major layout. A backend that refuses the aliased ``out=`` raises; the caller then factors a
+    freshly built matrix out of place (``a`` may be partly overwritten by then)."""
     info = torch.empty((), dtype=torch.int32, device=a.device)
-    try:
-        torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
-    except RuntimeError:
-        return torch.linalg.cholesky_ex(a, upper=True)
+    torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
     return a, info
 
 
