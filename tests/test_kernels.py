@@ -153,8 +153,24 @@ def test_gpu_config_splits_k_for_decode():
 def test_kernel_benchmark_logic_on_cpu(load_bench):
     """bench/kernels.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
     bench = load_bench("kernels")
-    (rec,) = bench.run([(48, 256)], [2], [(4, 128, True)], "cpu")
+    formats = [("int", 4, 128, True), ("ssqr", 3, 64, True), ("hptq", 0, -1, True)]
+    recs = bench.run([(48, 256)], [2], formats, "cpu")
     keys = {"device", "format", "bits", "group_size", "N", "K", "M", "us", "gbps", "speedup", "ideal_speedup"}
-    assert keys <= rec.keys() and rec["N"] == 48 and rec["K"] == 256
-    assert rec["ideal_speedup"] == round(16 / 4.125, 3)  # fp16 scale per 128 weights
-    assert rec["max_rel_err"] < 1e-5 and rec["us"] > 0
+    assert [r["format"] for r in recs] == ["int4", "ssqr", "hptq"]
+    for rec in recs:
+        assert keys <= rec.keys() and rec["N"] == 48 and rec["K"] == 256 and rec["M"] == 2
+        assert rec["max_rel_err"] < 1e-5 and rec["us"] > 0
+    assert recs[0]["ideal_speedup"] == round(16 / 4.125, 3)  # fp16 scale per 128 weights
+    assert recs[0]["path"] == "fused" and {"fused_us", "dequant_us"} <= recs[0].keys()
+    assert recs[1]["bits_per_weight"] > 3 + 16 / 64  # inliers + scales + every byte of the CSR outliers
+    assert recs[2]["path"] == "fused-gemv" and recs[2]["read_bits_per_weight"] > recs[2]["bits_per_weight"]
+
+
+def test_decode_benchmark_logic_on_cpu(load_bench):
+    """The end-to-end decode measurement on a tiny Qwen2 shape (torch backend: the interpreter is too slow)."""
+    bench = load_bench("kernels")
+    config = dict(bench.QWEN_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    recs = bench.decode_tokens_per_s(config, [("int", 4, 32)], "cpu", new_tokens=4, backend="torch")
+    assert [r["format"] for r in recs] == ["bf16", "int"] and recs[0]["speedup"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in recs)

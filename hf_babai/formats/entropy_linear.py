@@ -5,9 +5,15 @@ the data (stream length, alphabet size), so a loader must be told them before it
 :meth:`HuffmanLinear.buffer_sizes` returns them and the constructor takes them back (the checkpoint's
 quantization config records them per module).
 
-``forward`` decodes the codes to a dense weight with torch (vectorised over chunks) and runs ``F.linear``.
-That is a correctness path: memory is saved on disk and at rest, and decoding costs one pass over the stream
-per call. Set ``cache_dense = True`` to decode once and keep the dense weight (evaluation on CPU).
+``forward`` on CUDA inputs runs the Triton kernels (``hf_babai::huffman_matmul``: a fused decode + GEMV for
+at most 4 rows, decode-to-buffer + ``F.linear`` above); elsewhere it decodes to a dense weight with torch
+(vectorised over chunks) and runs ``F.linear``: a correctness path, one pass over the stream per call. The
+kernels' data is derived from the checkpoint on first use and cached, never stored: the one-lookup table
+(``symbol << 8 | length``) and bit offsets for chunks of ``kernel_chunk`` symbols (default 128, one lock-step
+decode finds them), because a stored chunk of 1024 symbols would leave a GPU with too few lanes per matrix
+(4096² codes = 16384 chunks of 1024 steps each; at 128 symbols: 131072 lanes of 128 steps, +0.25 bits/weight
+read). Set ``cache_dense = True`` to decode once and keep the dense weight
+(evaluation on CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .huffman import DEFAULT_CHUNK, DEFAULT_MAX_LEN, decode_buffers, encode
+from .huffman import DEFAULT_CHUNK, DEFAULT_MAX_LEN, decode_buffers, encode, huffman_lut, split_offsets
+from .kernel_ops import huffman_matmul, select_backend
 
 __all__ = ["HuffmanLinear"]
 
@@ -29,7 +36,8 @@ class HuffmanLinear(nn.Module):
     """Linear layer with an entropy-coded weight ``W = scale · Z`` (``Z`` int32, unbounded).
 
     Attributes: ``in_features``, ``out_features``, ``chunk`` and ``max_len`` (coder parameters),
-    ``compute_dtype`` (dtype of the original weight) and ``cache_dense``.
+    ``compute_dtype`` (dtype of the original weight), ``cache_dense`` and ``backend`` (``"auto"``: Triton for
+    CUDA inputs, torch otherwise; ``"torch"`` / ``"triton"`` force one).
     """
 
     def __init__(
@@ -63,7 +71,10 @@ class HuffmanLinear(nn.Module):
         self.max_len = max_len
         self.compute_dtype = dtype
         self.cache_dense = False
+        self.backend = "auto"
+        self.kernel_chunk = math.gcd(chunk, 128)
         self._dense: Tensor | None = None
+        self._kernel_data: tuple[Tensor, Tensor] | None = None
         n_chunks = math.ceil(in_features * out_features / chunk)
         for name, shape, buf_dtype in (
             ("stream", (stream_bytes,), torch.uint8),
@@ -145,6 +156,28 @@ class HuffmanLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last input dim {self.in_features}, got shape {tuple(x.shape)}")
+        if select_backend(x, self.backend) == "triton":
+            return self._forward_triton(x)
+        return self._forward_torch(x)
+
+    def kernel_data(self) -> tuple[Tensor, Tensor]:
+        """(lookup table, bit offsets of ``kernel_chunk``-symbol chunks) on the buffers' device, cached."""
+        dev = self.stream.device
+        if self._kernel_data is None or self._kernel_data[0].device != dev:
+            lut = huffman_lut(self.symbols, self.lengths, self.max_len).to(dev)
+            n = self.in_features * self.out_features
+            offsets = split_offsets(
+                self.stream, self.offsets, self.symbols, self.lengths, n, self.chunk, self.max_len, self.kernel_chunk
+            )
+            self._kernel_data = (lut, offsets.to(dev))
+        return self._kernel_data
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        lut, offsets = self.kernel_data()
+        y = huffman_matmul(x, self.stream, offsets, lut, self.scale, self.out_features, self.kernel_chunk, self.max_len)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _forward_torch(self, x: Tensor) -> Tensor:
         if self.cache_dense:
             if self._dense is None or self._dense.dtype != x.dtype or self._dense.device != x.device:
                 self._dense = self.dequantize(x.dtype).to(x.device)
@@ -155,7 +188,8 @@ class HuffmanLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._dense = None  # new buffers invalidate a cached dense weight
+        self._dense = None  # new buffers invalidate a cached dense weight and the kernel data
+        self._kernel_data = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -145,6 +145,10 @@ class BabaiLinear(nn.Module):
         """The one place that picks a compute backend for ``x`` (``self.backend``: auto / torch / triton)."""
         return self._forward_triton if select_backend(x, self.backend) == "triton" else self._forward_torch
 
+    def _kernel_outliers(self) -> tuple[Tensor, Tensor, Tensor] | tuple[None, None, None]:
+        """CSR outlier buffers for the kernel (none here; :class:`SSQRLinear` has them)."""
+        return None, None, None
+
     def _forward_triton(self, x: Tensor) -> Tensor:
         """Fused dequantize + matmul straight from the packed buffers (``hf_babai::dense_matmul``)."""
         group = self.in_features if self.group_size == -1 else self.group_size
@@ -158,6 +162,7 @@ class BabaiLinear(nn.Module):
             self.bits,
             group,
             self.out_features,
+            *self._kernel_outliers(),
         )
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

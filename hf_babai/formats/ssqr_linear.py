@@ -27,7 +27,6 @@ from .linear import BabaiLinear
 __all__ = ["SSQRLinear"]
 
 _OUTLIER_BUFFERS = ("outlier_rowptr", "outlier_cols", "outlier_values")
-_MAX_GATHER = 1 << 24  # elements of the [tokens, nnz] temporary in the sparse product
 
 
 def _col_dtype(in_features: int) -> torch.dtype:
@@ -126,19 +125,9 @@ class SSQRLinear(BabaiLinear):
         w[row, col] += val.float()  # the slots dequantize to exactly 0, so this sets the outlier values
         return w.to(self.compute_dtype if dtype is None else dtype)
 
-    def _forward_triton(self, x: Tensor) -> Tensor:
-        """Fused kernel for the inliers, then the outliers as a gather–multiply–scatter (no dense weight)."""
-        y = super()._forward_triton(x)
-        row, col, val = self._outlier_coords()
-        if row.numel() == 0:
-            return y
-        x2 = x.reshape(-1, self.in_features)
-        y2 = y.reshape(-1, self.out_features).float()
-        step = max(1, _MAX_GATHER // max(1, x2.shape[0]))
-        for i in range(0, row.numel(), step):
-            sl = slice(i, i + step)
-            y2.index_add_(1, row[sl], x2[:, col[sl]].float() * val[sl].float())
-        return y2.to(y.dtype).reshape(y.shape)
+    def _kernel_outliers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The CSR buffers as they are: the kernel fuses them into the dense program (``hf_babai::dense_matmul``)."""
+        return self.outlier_rowptr, self.outlier_cols, self.outlier_values
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.nnz}"
