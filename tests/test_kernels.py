@@ -109,8 +109,8 @@ def test_babai_linear_dispatch_and_equality_with_the_torch_path():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (40, 100), generator=g)
     scales = (torch.rand(40, 2, generator=g) * 0.01 + 0.001).half().float()
-    layer = BabaiLinear.from_linear(lin, codes, scales, None, 4, 64, True)
-    x = torch.randn(3, 100, generator=g)
+    layer = BabaiLinear.from_linear(lin, codes, scales, None, 4, 64, True).to(DEVICE)
+    x = torch.randn(3, 100, generator=g).to(DEVICE)
     assert select_backend(x) == ("triton" if x.is_cuda else "torch")  # auto: CPU inputs take the torch path
     layer.backend = "triton"
     fused = layer(x)
@@ -139,7 +139,17 @@ def test_fake_implementation_for_compile():
     assert y.shape == (2, 7, 40) and y.dtype == torch.float32
     torch.library.opcheck(
         torch.ops.hf_babai.dense_matmul.default,
-        (torch.randn(3, 96), buffers["qweight"], None, buffers["scales"], None, None, 4, 32, 40),
+        (
+            torch.randn(3, 96, device=DEVICE),
+            buffers["qweight"].to(DEVICE),
+            None,
+            buffers["scales"].to(DEVICE),
+            None,
+            None,
+            4,
+            32,
+            40,
+        ),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -154,7 +164,7 @@ def test_kernel_benchmark_logic_on_cpu(load_bench):
     """bench/kernels.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
     bench = load_bench("kernels")
     formats = [("int", 4, 128, True), ("ssqr", 3, 64, True), ("hptq", 0, -1, True)]
-    recs = bench.run([(48, 256)], [2], formats, "cpu")
+    recs = bench.run([(48, 256)], [2], formats, DEVICE)
     keys = {"device", "format", "bits", "group_size", "N", "K", "M", "us", "gbps", "speedup", "ideal_speedup"}
     assert [r["format"] for r in recs] == ["int4", "ssqr", "hptq"]
     for rec in recs:
