@@ -12,8 +12,7 @@ kernels' data is derived from the checkpoint on first use and cached, never stor
 (``symbol << 8 | length``) and bit offsets for chunks of ``kernel_chunk`` symbols (default 128, one lock-step
 decode finds them), because a stored chunk of 1024 symbols would leave a GPU with too few lanes per matrix
 (4096² codes = 16384 chunks of 1024 steps each; at 128 symbols: 131072 lanes of 128 steps, +0.25 bits/weight
-read). Set ``cache_dense = True`` to decode once and keep the dense weight
-(evaluation on CPU).
+read). Set ``cache_dense = True`` to decode once and keep the dense weight (evaluation on CPU).
 """
 
 from __future__ import annotations

@@ -222,14 +222,15 @@ def decode_buffers(
 
 def _lockstep(
     stream: Tensor, offsets: Tensor, symbols: Tensor, lengths: Tensor, chunk: int, max_len: int, every: int = 0
-) -> tuple[Tensor, Tensor | None]:
-    """Decodes all chunks in lock-step; also returns the bit position before every ``every``-th symbol."""
+) -> tuple[Tensor | None, Tensor | None]:
+    """Decodes all chunks in lock-step: the codes ``[chunks, chunk]``, or with ``every > 0`` only the bit position
+    before every ``every``-th symbol (no code tensor: a load-time pass over a large matrix needs none)."""
     dev = stream.device
     table_sym, table_len = (t.to(dev) for t in decode_table(symbols.cpu(), lengths.cpu(), max_len))
     s = stream.to(torch.int64)
     last = s.numel() - 4
     pos = offsets.to(device=dev, dtype=torch.int64).clone()
-    out = torch.empty(offsets.numel(), chunk, dtype=torch.int32, device=dev)
+    out = None if every else torch.empty(offsets.numel(), chunk, dtype=torch.int32, device=dev)
     marks = torch.empty(offsets.numel(), chunk // every, dtype=torch.int64, device=dev) if every else None
     mask = (1 << max_len) - 1
     for t in range(chunk):
@@ -238,7 +239,8 @@ def _lockstep(
         byte = torch.clamp(pos >> 3, max=last)  # lanes past their chunk's end read padding; discarded below
         word = (s[byte] << 24) | (s[byte + 1] << 16) | (s[byte + 2] << 8) | s[byte + 3]
         peek = (word >> (32 - max_len - (pos & 7))) & mask
-        out[:, t] = table_sym[peek]
+        if out is not None:
+            out[:, t] = table_sym[peek]
         pos += table_len[peek]
     return out, marks
 

@@ -228,8 +228,9 @@ def _(x, qweight, qweight_hi, scales, qzeros, qzeros_hi, bits, group, out_featur
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-# Fused decode + GEMV up to this many activation rows; above it the weight is decoded once per call into a
-# buffer and multiplied with F.linear (each extra row would repeat the whole decode in the fused kernel).
+# Fused decode + GEMV up to this many activation rows (each lane carries them all, BLOCK_M = 4 in
+# kernels/huffman.py); above it the weight is decoded once per call into a buffer and multiplied with F.linear,
+# where the decode's cost is shared by all rows.
 HUFFMAN_GEMV_MAX_M = 4
 
 
