@@ -128,13 +128,7 @@ def read_bytes(module) -> int:
 
 def _calls(fmt: str, module, x):
     """(auto call, {strategy: call}) for one module and input; strategies only where there is a choice."""
-    from hf_babai.formats.kernel_ops import (
-        _kernel_module,
-        dense_dequantize,
-        dense_matmul,
-        huffman_matmul,
-        kernel_config,
-    )
+    from hf_babai.formats.kernel_ops import dense_dequantize, dense_matmul, fused_matmul, huffman_matmul
 
     if fmt == "hptq":
         lut, offsets = module.kernel_data()
@@ -142,8 +136,7 @@ def _calls(fmt: str, module, x):
         return (lambda: huffman_matmul(x, *args)), {}
     n, k = module.out_features, module.in_features
     group = k if module.group_size == -1 else module.group_size
-    planes = (module.qweight, getattr(module, "qweight_hi", None), module.scales, getattr(module, "qzeros", None),
-              getattr(module, "qzeros_hi", None))  # fmt: skip
+    planes = module.kernel_planes()
     outliers = module._kernel_outliers()
     fuse = fmt != "ssqr-separate"
 
@@ -154,14 +147,8 @@ def _calls(fmt: str, module, x):
         w = dense_dequantize(*planes, module.bits, group, k, x.dtype, *outliers)
         return F.linear(x, w)
 
-    def fused():
-        m = x.shape[0]
-        config = kernel_config(m, n, k, x.is_cuda)
-        split = config[3] > 1
-        y = (torch.zeros if split else torch.empty)((m, n), dtype=torch.float32 if split else x.dtype, device=x.device)
-        _kernel_module("dense").launch(x, planes, None if outliers[0] is None else outliers, y, bits=module.bits,
-                                       group=group, config=config, dot_fp32=not x.is_cuda)  # fmt: skip
-        return y.to(x.dtype)
+    def fused():  # the op's small-M path, forced at any M
+        return fused_matmul(x, planes, None if outliers[0] is None else outliers, module.bits, group, n, fuse)
 
     strategies = {"fused": fused, "dequant": dequant} if x.shape[0] > 1 and fmt != "ssqr-separate" else {}
     return auto, strategies

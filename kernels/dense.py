@@ -212,25 +212,28 @@ def dequantize_kernel(
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=kn_ok)
 
 
+def _plane_pointers(planes):
+    """``(qweight, qweight_hi, scales, qzeros, qzeros_hi)`` with absent planes replaced by ``qweight`` (a valid
+    pointer the kernel never reads: the constexpr ``BITS`` / ``ASYM`` branches that would are not compiled)."""
+    q, qhi, scales, qz, qzhi = planes
+    return q, q if qhi is None else qhi, scales, q if qz is None else qz, q if qzhi is None else qzhi
+
+
 def launch(x, planes, outliers, out, *, bits, group, config, dot_fp32):
     """Fused kernel on 2-D contiguous ``x [M, K]`` into ``out [M, N]`` (fp32 and zeroed if split-K).
 
     ``planes`` = ``(qweight, qweight_hi, scales, qzeros, qzeros_hi)`` (absent ones ``None``); ``outliers`` =
     ``(rowptr, cols, values)`` or ``None``; ``config`` = ``(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)``.
     """
-    q, qhi, scales, qz, qzhi = planes
+    pointers = _plane_pointers(planes)
     m, k = x.shape
     n = out.shape[1]
     bm, bn, bk, split_k = config
-    rowptr, cols, vals = (q, q, q) if outliers is None else outliers
+    rowptr, cols, vals = (pointers[0],) * 3 if outliers is None else outliers
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)
     dense_matmul_kernel[grid](
         x,
-        q,
-        q if qhi is None else qhi,
-        scales,
-        q if qz is None else qz,
-        q if qzhi is None else qzhi,
+        *pointers,
         rowptr,
         cols,
         vals,
@@ -238,12 +241,12 @@ def launch(x, planes, outliers, out, *, bits, group, config, dot_fp32):
         m,
         n,
         k,
-        scales.shape[0],
+        planes[2].shape[0],
         group,
         x.stride(0),
         out.stride(0),
         BITS=bits,
-        ASYM=qz is not None,
+        ASYM=planes[3] is not None,
         HAS_OUTLIERS=outliers is not None,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -266,22 +269,17 @@ def launch_outliers(x, outliers, acc, *, block_m, block_n):
 
 def launch_dequantize(planes, out, *, bits, group, block_n=64, block_k=64):
     """Dense ``out [N, K]`` from the packed planes."""
-    q, qhi, scales, qz, qzhi = planes
     n, k = out.shape
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     dequantize_kernel[grid](
-        q,
-        q if qhi is None else qhi,
-        scales,
-        q if qz is None else qz,
-        q if qzhi is None else qzhi,
+        *_plane_pointers(planes),
         out,
         n,
         k,
-        scales.shape[0],
+        planes[2].shape[0],
         group,
         BITS=bits,
-        ASYM=qz is not None,
+        ASYM=planes[3] is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
     )

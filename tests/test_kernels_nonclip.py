@@ -45,15 +45,17 @@ def _ints(m: int, k: int, seed: int = 1) -> torch.Tensor:
 
 
 def _dense_args(layer: BabaiLinear) -> tuple:
-    return (
-        layer.qweight,
-        getattr(layer, "qweight_hi", None),
-        layer.scales,
-        getattr(layer, "qzeros", None),
-        getattr(layer, "qzeros_hi", None),
-        layer.bits,
-        layer.group_size,
-    )
+    return (*layer.kernel_planes(), layer.bits, layer.group_size)
+
+
+def _assert_backends_agree(module: torch.nn.Module, x: torch.Tensor, tol: float) -> None:
+    """The module's Triton forward equals its torch forward (same dtype, relative error below ``tol``)."""
+    module.backend = "triton"
+    fused = module(x)
+    module.backend = "torch"
+    plain = module(x)
+    assert fused.dtype == plain.dtype == x.dtype
+    assert (fused.double() - plain.double()).norm() / plain.double().norm() < tol
 
 
 @pytest.mark.parametrize(("bits", "density", "m", "fuse", "sym"), [
@@ -111,13 +113,9 @@ def test_path_choice_by_batch_rows():
 def test_ssqr_linear_triton_backend_equals_torch_backend(dtype, tol):
     layer = _ssqr(70, 200, 3, 0.02)
     layer.bias = torch.nn.Parameter(torch.randn(70, device=DEVICE))
-    x = torch.randn(2, 3, 200, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
-    layer.backend = "triton"
-    fused = layer(x)
-    layer.backend = "torch"
-    plain = layer(x)
-    assert fused.dtype == plain.dtype == dtype
-    assert (fused.double() - plain.double()).norm() / plain.double().norm() < tol
+    _assert_backends_agree(
+        layer, torch.randn(2, 3, 200, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype), tol
+    )
 
 
 def _huffman(n: int, k: int, chunk: int, max_len: int = 12, codes: torch.Tensor | None = None) -> HuffmanLinear:
@@ -184,12 +182,7 @@ def test_huffman_linear_triton_backend_equals_torch_backend(dtype, tol):
     assert h.kernel_chunk == 128 and h.kernel_data()[1].numel() == 12
     h.bias = torch.nn.Parameter(torch.randn(30, device=DEVICE))
     x = torch.randn(1, 2, 50, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
-    h.backend = "triton"
-    fused = h(x)
-    h.backend = "torch"
-    plain = h(x)
-    assert fused.dtype == plain.dtype == dtype
-    assert (fused.double() - plain.double()).norm() / plain.double().norm() < tol
+    _assert_backends_agree(h, x, tol)
     h.backend = "fast"
     with pytest.raises(ValueError, match="backend='fast' is unknown"):
         h(x)

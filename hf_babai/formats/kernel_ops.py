@@ -38,6 +38,7 @@ __all__ = [
     "BACKENDS",
     "dense_dequantize",
     "dense_matmul",
+    "fused_matmul",
     "huffman_decode",
     "huffman_matmul",
     "kernel_config",
@@ -121,10 +122,6 @@ def matmul_path(m: int, on_gpu: bool) -> str:
     return "dequant" if on_gpu and m > DEQUANT_MIN_M else "fused"
 
 
-def _planes(qweight, qweight_hi, scales, qzeros, qzeros_hi):
-    return (qweight, qweight_hi, scales, qzeros, qzeros_hi)
-
-
 def _outliers(rowptr: Tensor | None, cols: Tensor | None, values: Tensor | None) -> tuple | None:
     given = [t is not None for t in (rowptr, cols, values)]
     if any(given) and not all(given):
@@ -162,7 +159,7 @@ def dense_dequantize(
     n = scales.shape[1]
     w = torch.empty((n, in_features), dtype=dtype, device=scales.device)
     _kernel_module("dense").launch_dequantize(
-        _planes(qweight, qweight_hi, scales, qzeros, qzeros_hi), w, bits=bits, group=group
+        (qweight, qweight_hi, scales, qzeros, qzeros_hi), w, bits=bits, group=group
     )
     outliers = _outliers(outlier_rowptr, outlier_cols, outlier_values)
     if outliers is not None:
@@ -173,6 +170,31 @@ def dense_dequantize(
 @dense_dequantize.register_fake
 def _(qweight, qweight_hi, scales, qzeros, qzeros_hi, bits, group, in_features, dtype, *outliers):
     return scales.new_empty((scales.shape[1], in_features), dtype=dtype)
+
+
+def fused_matmul(
+    x2: Tensor, planes: tuple, outliers: tuple | None, bits: int, group: int, out_features: int, fuse_outliers: bool
+) -> Tensor:
+    """The fused path of :func:`dense_matmul` on a 2-D contiguous ``x2 [M, K]`` (``M ≥ 1``), whatever ``M``.
+
+    ``planes`` = ``(qweight, qweight_hi, scales, qzeros, qzeros_hi)``; ``outliers`` = CSR buffers or ``None``,
+    added inside the dense program or, with ``fuse_outliers=False``, by the separate kernel into the same fp32
+    accumulator. Public for the benchmark, which times it against the dequantize path at every M."""
+    dense = _kernel_module("dense")
+    m, k = x2.shape
+    on_gpu = x2.is_cuda
+    config = kernel_config(m, out_features, k, on_gpu)
+    separate = outliers is not None and not fuse_outliers
+    fp32_out = config[3] > 1 or separate
+    alloc = torch.zeros if config[3] > 1 else torch.empty
+    y = alloc((m, out_features), dtype=torch.float32 if fp32_out else x2.dtype, device=x2.device)
+    dot_fp32 = not on_gpu or x2.dtype == torch.float32
+    dense.launch(
+        x2, planes, None if separate else outliers, y, bits=bits, group=group, config=config, dot_fp32=dot_fp32
+    )
+    if separate:
+        dense.launch_outliers(x2, outliers, y, block_m=config[0], block_n=config[1])
+    return y.to(x2.dtype)
 
 
 @torch.library.custom_op("hf_babai::dense_matmul", mutates_args=())
@@ -195,32 +217,18 @@ def dense_matmul(
 
     ``group`` is the group size in columns (``K`` for per-channel scales).
     """
-    dense = _kernel_module("dense")
-    planes = _planes(qweight, qweight_hi, scales, qzeros, qzeros_hi)
+    planes = (qweight, qweight_hi, scales, qzeros, qzeros_hi)
     outliers = _outliers(outlier_rowptr, outlier_cols, outlier_values)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    on_gpu = x.is_cuda
     if m == 0:
         return x.new_empty((*lead, out_features))
-    if matmul_path(m, on_gpu) == "dequant":
-        w = dense_dequantize(
-            qweight, qweight_hi, scales, qzeros, qzeros_hi, bits, group, k, x.dtype, *(outliers or (None, None, None))
-        )
+    if matmul_path(m, x.is_cuda) == "dequant":
+        w = dense_dequantize(*planes, bits, group, k, x.dtype, *(outliers or (None, None, None)))
         return F.linear(x2, w).reshape(*lead, out_features)
-    config = kernel_config(m, out_features, k, on_gpu)
-    separate = outliers is not None and not fuse_outliers
-    fp32_out = config[3] > 1 or separate
-    alloc = torch.zeros if config[3] > 1 else torch.empty
-    y = alloc((m, out_features), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
-    dot_fp32 = not on_gpu or x.dtype == torch.float32
-    dense.launch(
-        x2, planes, None if separate else outliers, y, bits=bits, group=group, config=config, dot_fp32=dot_fp32
-    )
-    if separate:
-        dense.launch_outliers(x2, outliers, y, block_m=config[0], block_n=config[1])
-    return y.to(x.dtype).reshape(*lead, out_features)
+    y = fused_matmul(x2, planes, outliers, bits, group, out_features, fuse_outliers)
+    return y.reshape(*lead, out_features)
 
 
 @dense_matmul.register_fake

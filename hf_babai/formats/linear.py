@@ -145,6 +145,16 @@ class BabaiLinear(nn.Module):
         """The one place that picks a compute backend for ``x`` (``self.backend``: auto / torch / triton)."""
         return self._forward_triton if select_backend(x, self.backend) == "triton" else self._forward_torch
 
+    def kernel_planes(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+        """``(qweight, qweight_hi, scales, qzeros, qzeros_hi)`` as the kernel ops take them (absent ones ``None``)."""
+        return (
+            self.qweight,
+            getattr(self, "qweight_hi", None),
+            self.scales,
+            getattr(self, "qzeros", None),
+            getattr(self, "qzeros_hi", None),
+        )
+
     def _kernel_outliers(self) -> tuple[Tensor, Tensor, Tensor] | tuple[None, None, None]:
         """CSR outlier buffers for the kernel (none here; :class:`SSQRLinear` has them)."""
         return None, None, None
@@ -152,18 +162,7 @@ class BabaiLinear(nn.Module):
     def _forward_triton(self, x: Tensor) -> Tensor:
         """Fused dequantize + matmul straight from the packed buffers (``hf_babai::dense_matmul``)."""
         group = self.in_features if self.group_size == -1 else self.group_size
-        y = dense_matmul(
-            x,
-            self.qweight,
-            getattr(self, "qweight_hi", None),
-            self.scales,
-            getattr(self, "qzeros", None),
-            getattr(self, "qzeros_hi", None),
-            self.bits,
-            group,
-            self.out_features,
-            *self._kernel_outliers(),
-        )
+        y = dense_matmul(x, *self.kernel_planes(), self.bits, group, self.out_features, *self._kernel_outliers())
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _forward_torch(self, x: Tensor) -> Tensor:
