@@ -529,8 +529,8 @@ def _one_pass(
     """Quantize each Linear just before it runs; the pass's output is the quantized block's output."""
     handles = []
 
-    def make_hook(name: str) -> Callable:
-        def hook(mod: nn.Linear, args: tuple) -> None:
+    def make_hooks(name: str) -> tuple[Callable, Callable]:
+        def quantize(mod: nn.Linear, args: tuple) -> None:
             if name in bq.results:
                 raise _CalledTwice(name)
             bq.accumulate(name, args[0], mask, streaming=True)
@@ -538,17 +538,15 @@ def _one_pass(
             bq.originals[name] = mod.weight.data
             mod.weight.data = _dense(res, bq.spec).to(mod.weight.dtype)
 
-        return hook
+        def restore(mod: nn.Linear, _args: tuple, _out: torch.Tensor) -> None:
+            # the dense quantized copy was only for this call; holding one per Linear would add a float block
+            mod.weight.data = bq.originals[name]
 
-    def restore(mod: nn.Linear, _args: tuple, _out: torch.Tensor) -> None:
-        # the dense quantized copy was only for this call; holding one per Linear would add a float block
-        for name, lin in linears.items():
-            if lin is mod and name in bq.originals:
-                mod.weight.data = bq.originals[name]
+        return quantize, restore
 
     for name, lin in linears.items():
-        handles.append(lin.register_forward_pre_hook(make_hook(name)))
-        handles.append(lin.register_forward_hook(restore))
+        pre, post = make_hooks(name)
+        handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
     try:
         out = _run_block(block, [inp], device)[0]
     except _CalledTwice:
