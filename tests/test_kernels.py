@@ -161,8 +161,8 @@ def test_gpu_config_splits_k_for_decode():
 
 
 def test_kernel_benchmark_logic_on_cpu(load_bench):
-    """bench/kernels.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
-    bench = load_bench("kernels")
+    """bench/kernel_speed.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
+    bench = load_bench("kernel_speed")
     formats = [("int", 4, 128, True), ("ssqr", 3, 64, True), ("hptq", 0, -1, True)]
     recs = bench.run([(48, 256)], [2], formats, DEVICE)
     keys = {"device", "format", "bits", "group_size", "N", "K", "M", "us", "gbps", "speedup", "ideal_speedup"}
@@ -178,7 +178,7 @@ def test_kernel_benchmark_logic_on_cpu(load_bench):
 
 def test_decode_benchmark_logic_on_cpu(load_bench):
     """The end-to-end decode measurement on a tiny Qwen2 shape (torch backend: the interpreter is too slow)."""
-    bench = load_bench("kernels")
+    bench = load_bench("kernel_speed")
     config = dict(bench.QWEN_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
     recs = bench.decode_tokens_per_s(config, [("int", 4, 32)], "cpu", new_tokens=4, backend="torch")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -285,52 +290,62 @@ def test_factor_is_the_textbook_cholesky_of_the_damped_permuted_hessian_and_leav
     assert torch.equal(babai_order(h, order, f.damping), f.t)  # the shift equals forming H + λI
 
 
-def _anon_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("RssAnon:"))
-    except (OSError, StopIteration):
-        return None
+_PEAK_CHILD = """
+import ctypes, sys, threading, time
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed: a freed large tensor leaves RSS at once
+import torch
+from hf_babai.solver import Grid, babai_quantize, factor_hessian
+
+def anon_mb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("RssAnon:"))
+
+k, n = 2560, 64
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3000, k, generator=g) * torch.rand(k, generator=g) ** 4
+h = (x.T @ x).double() * (2 / 3000)
+w = torch.randn(n, k, generator=g) * 0.02
+del x
+libc.malloc_trim(0)
+base = anon_mb()
+peak = [base]
+done = threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_mb())
+        time.sleep(0.0005)
+
+th = threading.Thread(target=sample, daemon=True)
+th.start()
+f = factor_hessian(h, "min-pivot")
+babai_quantize(w, f, Grid(4, True, 64))
+done.set()
+th.join()
+print((peak[0] - base) / (k * k * 8 / 2**20))
+"""
 
 
-@pytest.mark.skipif(_anon_mb() is None, reason="reads private memory from /proc (Linux)")
+@pytest.mark.skipif(
+    not (Path("/proc/self/status").is_file() and platform.libc_ver()[0] == "glibc"),
+    reason="reads private memory from /proc and fixes glibc's mmap threshold",
+)
 def test_factor_and_solve_peak_memory_stays_near_two_hessians():
     """A wide layer's solve holds H (the accumulator's), its factor R and the pass's float32 R/diag(R); nothing
     else of size K². Before this was bounded, temporaries (eye, H + λI, two gathers, Cholesky's output, the
     float64 quotient) made the peak ~6 K² float64 words above H, which for Qwen2.5-0.5B's down_proj was
-    ~1.1 GB. Sampled private memory (a sampler can only under-read a peak) must stay below 3.2 K² words."""
-    import contextlib
-    import ctypes
-    import threading
-    import time
+    ~1.1 GB.
 
-    k, n = 2560, 64
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3000, k, generator=g) * torch.rand(k, generator=g) ** 4
-    h = (x.T @ x).double() * (2 / 3000)
-    w = torch.randn(n, k, generator=g) * 0.02
-    del x
-    kk = k * k * 8 / 2**20
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _anon_mb()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mb())
-            time.sleep(0.0005)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    try:
-        f = factor_hessian(h, "min-pivot")
-        babai_quantize(w, f, Grid(4, True, 64))
-    finally:
-        done.set()
-        th.join()
-    assert (peak[0] - base) / kk < 3.2, f"peak {peak[0] - base:.0f} MB above H = {(peak[0] - base) / kk:.2f} K² words"
+    Measured in a fresh process whose glibc hands every allocation above 1 MiB straight back to the OS when it is
+    freed (a fixed mmap threshold): then private memory follows the live tensors (about 2.1 K² words here),
+    not the heap's history or the rest of the test session, and a sampler can only under-read the peak. The
+    bound sits between that and one more K² float64 temporary (3.1), so it holds on a loaded machine and still
+    catches the regression."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    words = float(out.stdout.split()[-1])
+    assert words < 2.6, f"peak {words:.2f} K² float64 words above H"
 
 
 def test_backends_refusing_the_in_place_cholesky_get_the_same_factor(monkeypatch):

@@ -18,8 +18,8 @@ and as a separate outlier kernel), HPTQ (one scale, length-limited Huffman, 1024
 - ``--e2e``: decode tokens/s of a Qwen2.5-1.5B-shaped model (random weights, HF ``generate``, static cache,
   greedy) in BF16 vs with every decoder Linear replaced by a quantized module.
 
-GPU:  python bench/kernels.py --out bench/results/kernels_<gpu>.json [--e2e]
-CPU:  TRITON_INTERPRET=1 python bench/kernels.py --smoke   (checks the script's logic on tiny shapes;
+GPU:  python bench/kernel_speed.py --out bench/results/kernels_<gpu>.json [--e2e]
+CPU:  TRITON_INTERPRET=1 python bench/kernel_speed.py --smoke   (checks the script's logic on tiny shapes;
       interpreter times mean nothing)
 """
 
