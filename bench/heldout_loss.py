@@ -20,42 +20,12 @@ import argparse
 import json
 
 
-class _Stop(Exception):
-    """Raised after the block of interest: the rest of the model adds nothing to its Hessians."""
-
-
-def block_hessians(model, block, linears: dict, ids) -> dict:
-    """``name -> H`` for each of ``linears`` (Linears of ``block``), from the full-precision model on ``ids`` (one
-    window a forward; each forward stops once ``block`` has run)."""
-    import contextlib
-
-    import torch
-
-    from hf_babai.solver import HessianAccumulator
-
-    def stop(*_):
-        raise _Stop
-
-    accs = {n: HessianAccumulator(lin.in_features) for n, lin in linears.items()}
-    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach())) for n, lin in linears.items()]
-    hooks.append(block.register_forward_hook(stop))
-    try:
-        with torch.no_grad():
-            for i in range(ids.shape[0]):
-                with contextlib.suppress(_Stop):
-                    model(ids[i : i + 1], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: acc.finalize() for n, acc in accs.items()}
-
-
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_babai import assets
-    from hf_babai.engine import find_blocks, target_linears
+    from hf_babai.engine import capture_hessians, find_blocks, target_linears
     from hf_babai.perplexity import calibration_windows
     from hf_babai.solver import Grid, babai_quantize, dequantize, factor_hessian, layer_damp, proxy_loss
     from hf_babai.solver.refine import refine_result
@@ -82,7 +52,7 @@ def main() -> None:
     block = blocks[args.block]
     draws = [calibration_windows(tok, assets.calibration_text(), args.calib, 512, seed=s) for s in args.seeds]
     linears = target_linears(block, ())
-    h_train, h_test = (block_hessians(model, block, linears, ids) for ids in draws)
+    h_train, h_test = (capture_hessians(model, block, linears, ids) for ids in draws)
     grid = Grid(args.bits, True, args.group_size)
     tokens = args.calib * 512
     for name, lin in linears.items():

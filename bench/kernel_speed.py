@@ -14,7 +14,7 @@ and as a separate outlier kernel), HPTQ (one scale, length-limited Huffman, 1024
 - Timer: ``triton.testing.do_bench`` (it zeroes a 256 MB buffer before each call, flushing L2), median.
 - ``gbps`` = bytes the kernel must read (stored weight + activations) + write / time; ``pct_copy_bw``
   relates it to this device's measured device-to-device copy bandwidth.
-- ``ideal_speedup`` = 16 / stored bits per weight (batch-1 decode reads the weight once; kernels notes §5).
+- ``ideal_speedup`` = 16 / stored bits per weight (batch-1 decode reads the weight once; docs/kernels.md).
 - ``--e2e``: decode tokens/s of a Qwen2.5-1.5B-shaped model (random weights, HF ``generate``, static cache,
   greedy) in BF16 vs with every decoder Linear replaced by a quantized module.
 
@@ -51,7 +51,7 @@ FORMATS = [
     ("hptq", 0, -1, True),
 ]
 OUTLIER_RATE = 0.005
-HPTQ_SIGMA = 2.0  # Gaussian integer codes: ~3.1 bits/weight after Huffman (kernels notes §3.3)
+HPTQ_SIGMA = 2.0  # Gaussian integer codes: ~3.1 bits/weight after Huffman (docs/kernels.md)
 QWEN_1_5B = dict(
     hidden_size=1536,
     intermediate_size=8960,

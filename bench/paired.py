@@ -110,7 +110,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--markdown", action="store_true", help="a README table instead of JSON lines")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table instead of JSON lines")
     args = ap.parse_args()
     records = [json.loads(ln) for path in args.files for ln in Path(path).read_text().splitlines() if ln.strip()]
     rows = pair(records)

@@ -1,11 +1,11 @@
-"""Perplexity vs bits per weight from ``bench/quality.py`` JSON lines: one PNG per model (the README's frontier).
+"""Perplexity vs bits per weight from ``bench/quality.py`` JSON lines: one PNG per model (the frontier plots).
 
     .venv/bin/python bench/plot.py bench/results/quality_smollm2-135m.jsonl bench/results/nonclip_smollm2-135m.jsonl \\
         --out bench/results/frontier_smollm2-135m.png
 
 Each series is one method (tool, method, order, outlier rate); points are joined in bpw order. The int-format
 Babai and GPTQ series show only records of today's defaults (``paired.is_default_ours`` / ``is_default_peer``),
-the same selection as the README's paired table. The float model,
+the same selection as the paired table of docs/benchmarks.md. The float model,
 when present, is a horizontal line. Only one calibration seed (``--seed``, default 0) and one evaluation size
 (4 windows) are drawn, and where a file holds several records of the same series at the same bits (re-runs under
 older defaults), the last one — today's — is drawn. Needs the ``bench`` extra (matplotlib).

@@ -69,7 +69,7 @@ def run_one(args: argparse.Namespace) -> dict:
         rec.update(bits=16, group_size=None, bpw=16.0, seconds=0.0, loss=None, bound=None)
     else:
         # calibration-schedule options, the same for every method (rtn ignores them: it runs no calibration)
-        schedule = {"true_sequential": args.true_sequential, "skip_first_tokens": args.skip_first_tokens}
+        schedule = {"true_sequential": args.true_sequential}
         if args.damp_width is not None:
             schedule["damp_width"] = args.damp_width
         if args.method in ENTROPY_METHODS:  # no-clipping, entropy-coded: sized by a bit budget, not a grid
@@ -97,7 +97,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 method=method,
                 order=args.order,
                 refine_sweeps=sweeps,
-                rescale=args.rescale if method == "babai" else None,
+                **({"rescale": args.rescale} if method == "babai" and args.rescale is not None else {}),
                 scale_method=args.scale_method if method == "babai" else None,
                 **schedule,
             )
@@ -112,15 +112,13 @@ def run_one(args: argparse.Namespace) -> dict:
         if method == "babai":
             rec["true_sequential"] = uses_one_pass(spec, int(calib.shape[0]), args.calib_batch)  # auto resolved
             rec["damp_width"] = spec.damp_width
-            if spec.skip_first_tokens:
-                rec["skip_first_tokens"] = spec.skip_first_tokens
         rec["seconds"] = time.perf_counter() - t0
         rec["bpw"] = model_bits_per_weight(model)
         stats = [r.stats for r in records]
         rec["loss"] = sum(s["loss"] for s in stats) if method == "babai" else None
         rec["bound"] = sum(s["bound"] for s in stats) if method == "babai" else None
         rec["clipped_frac"] = sum(s["clipped"] for s in stats) / sum(s["weights"] for s in stats)
-        if method == "babai" and spec.format == "int":  # which search each layer kept (scale_method auto/best)
+        if method == "babai" and spec.format == "int":  # which search each layer kept (scale_method auto)
             kept = [str(s["scales"]) for s in stats]
             rec["scales_kept"] = {k: kept.count(k) for k in sorted(set(kept))}
     for m in model.modules():  # decode entropy-coded weights once for the evaluation (same numbers, faster)
@@ -162,7 +160,7 @@ def main() -> None:
     )
     p.add_argument(
         "--scale-method",
-        choices=["auto", "mse", "hmse", "best", "minmax"],
+        choices=["auto", "mse", "hmse", "minmax"],
         help="babai: scale search (hmse weighs it by diag H); default auto at >= 3 bits (engine.default_scale_method)",
     )
     p.add_argument(
@@ -179,7 +177,6 @@ def main() -> None:
         default=None,
         help="calibration windows per forward for hf_babai (default: all at once)",
     )
-    p.add_argument("--skip-first-tokens", type=int, default=0, help="leave each window's first tokens out of H")
     p.add_argument(
         "--damp-width",
         type=float,
@@ -240,7 +237,6 @@ def main() -> None:
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),
-        *(["--skip-first-tokens", str(args.skip_first_tokens)] if args.skip_first_tokens else []),
         *(["--damp-width", str(args.damp_width)] if args.damp_width is not None else []),
     ]
     if args.peer and not PEER_PY.exists():

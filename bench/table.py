@@ -1,4 +1,4 @@
-"""Markdown table from ``bench/quality.py`` JSON lines (used for the README).
+"""Markdown table from ``bench/quality.py`` JSON lines (used for docs/benchmarks.md).
 
 .venv/bin/python bench/table.py bench/results/quality_smollm2-135m.jsonl
 """

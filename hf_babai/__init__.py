@@ -1,19 +1,22 @@
 """hf_babai: post-training LLM weight quantization with Babai's nearest-plane algorithm.
 
 GPTQ run back-to-front *is* Babai's nearest-plane algorithm on the lattice of the layer Hessian
-(arXiv 2507.18553). This package implements that solver (``hf_babai.solver``), packed integer formats and
-a quantized Linear (``hf_babai.formats``), a layer-by-layer engine for transformers decoders
-(``hf_babai.engine``) and the transformers integration (``hf_babai.hf``): importing ``hf_babai`` registers
-``quant_method="babai"`` so ``from_pretrained(..., quantization_config=BabaiConfig(...))`` quantizes on load
-and babai checkpoints reload with plain ``from_pretrained(path)``. ``publish`` uploads a checkpoint with an
-auto-generated model card; ``evaluate`` runs lm-eval on a model.
+(arXiv 2507.18553). Importing ``hf_babai`` registers ``quant_method="babai"`` with transformers, so
+``from_pretrained(..., quantization_config=BabaiConfig(...))`` quantizes on load and babai checkpoints reload with
+plain ``from_pretrained(path)``. ``publish`` (Hub upload with a model card) and ``evaluate`` (lm-eval) are imported
+only when first used. Layers, one way: ``cli``/``hub``/``eval`` → ``hf`` (the transformers adapter) → ``engine``
+→ ``spec`` → ``formats`` + ``solver`` → ``kernels``; see ``docs/design.md``.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .eval import evaluate
 from .hf import BabaiConfig, BabaiHfQuantizer, BabaiQuantizer, CheckpointError, export, write_quant_log
-from .hub import PublishError, build_card, publish
+
+_LAZY = {"evaluate": "eval", "publish": "hub", "build_card": "hub", "PublishError": "hub"}
 
 __all__ = [
     "BabaiConfig",
@@ -28,3 +31,15 @@ __all__ = [
     "publish",
     "write_quant_log",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``evaluate``, ``publish``, ``build_card`` and ``PublishError`` load lm-eval / huggingface_hub's card and
+    upload stack on first use, not on ``import hf_babai``."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_babai' has no attribute {name!r}")

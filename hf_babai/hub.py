@@ -94,26 +94,19 @@ def build_card(
     base = _base_model(checkpoint, base_model)
     evals = _eval_results(eval_results)
     name = repo_id.split("/")[-1]
-    layout: dict = {"format": q["storage"]}
-    if q["storage"] == "hptq":
-        layout["target_bpw"] = q["target_bpw"]
-    else:
-        layout.update(bits=q["bits"], group_size=q["group_size"], sym=q["sym"])
-    if q["storage"] == "ssqr":
-        layout["outlier_rate"] = q["outlier_rate"]
     data = ModelCardData(
         base_model=base,
         library_name="transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=["hf_babai", "babai", "quantized", *_format_tags(q)],
+        tags=["hf_babai", "babai", "quantized", *q["tags"]],
         model_name=name if evals else None,
         eval_results=evals or None,
         quantization={
             "quant_method": "babai",
             "method": q["method"],
             "order": q["order"],
-            **layout,
+            **q["card"],
             "bits_per_weight": q["bits_per_weight"],
         },
     )
@@ -125,15 +118,6 @@ def build_card(
     return ModelCard.from_template(
         data, template_path=str(path), model_title=name, repo_id=repo_id, base_model=base, q=q, evals=evals
     )
-
-
-def _format_tags(q: dict) -> list[str]:
-    """Hub tags for the storage format (``gptq-family`` only where GPTQ loaders could read the codes)."""
-    if q["storage"] == "hptq":
-        return ["hptq"]
-    if q["storage"] == "ssqr":
-        return [f"{q['bits']}-bit", "ssqr"]
-    return [f"{q['bits']}-bit", "gptq-family"]
 
 
 def _check_token(api: HfApi, token: str | None) -> tuple[str, str]:

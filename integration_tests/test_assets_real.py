@@ -11,7 +11,7 @@ from hf_babai import assets
 
 pytestmark = pytest.mark.slow
 
-# Character counts from shared/notes/offline-assets.md §3.1 (lines joined with "\n").
+# Character counts of the janeaustenr novels (lines joined with "\n"; docs/offline-assets.md).
 EXPECTED_CHARS = {
     "emma": 883_027,
     "mansfieldpark": 883_278,
@@ -54,3 +54,18 @@ def test_real_smollm2_loads_and_generates() -> None:
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     completion = tok.decode(out[0, ids["input_ids"].shape[1] :])
     assert completion.startswith(" Paris"), completion
+
+
+def test_the_packaged_calibration_text_is_two_of_these_novels_and_enough_for_128_windows_of_2048() -> None:
+    """``dataset="austen"`` reads the text shipped in the package (never the installer): Emma and Northanger
+    Abbey exactly as the Debian package has them, at least 128 × 2048 tokens for SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hf_babai.data import calibration_text
+    from hf_babai.perplexity import tokenize
+
+    texts = assets.ensure_texts()
+    text = calibration_text()
+    assert text == texts["emma"] + "\n\n" + texts["northangerabbey"]
+    tok = AutoTokenizer.from_pretrained(assets.ensure_model("smollm2-135m"))
+    assert tokenize(tok, text).numel() >= 128 * 2048

@@ -51,7 +51,7 @@ def tensors_sha256(folder: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
-            for name in sorted(sf.keys()):  # noqa: SIM118 (safe_open is not a dict)
+            for name in sorted(sf.keys()):
                 t = sf.get_tensor(name).contiguous()
                 h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -300,7 +300,14 @@ def test_wheel_ships_the_builtin_task_text_and_the_card_template(tmp_path):
     proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = zipfile.ZipFile(next(tmp_path.glob("hf_babai-*.whl"))).namelist()
-    shipped = ("hf_babai/data/persuasion_ch1-4.txt", "hf_babai/model_cards/babai.md", "hf_babai/eval.py")
+    shipped = (
+        "hf_babai/data/persuasion_ch1-4.txt",
+        "hf_babai/data/austen_calibration.txt.xz",
+        "hf_babai/model_cards/babai.md",
+        "hf_babai/eval.py",
+        "hf_babai/engine/schedules.py",
+    )
     for f in (*shipped, "hf_babai/kernels/dense.py", "hf_babai/kernels/huffman.py"):  # the Triton sources
         assert f in names, f
     assert not any(n.startswith("kernels/") for n in names)  # Hugging Face's `kernels` package owns that name
+    assert not any(n.startswith(("tests/", "hf_babai/solver/reference")) for n in names)  # test oracles stay out

@@ -4,7 +4,7 @@ The buffers are those of :mod:`hf_babai.formats.huffman`: a MSB-first bit ``stre
 padding), the bit ``offsets`` where each chunk of ``CHUNK`` symbols starts, and the codebook. The codebook is
 turned once at load into one int32 lookup table of ``2^MAX_LEN`` entries, ``symbol << 8 | length``, so decoding
 a symbol is: read the 4 bytes around the bit position, peek ``MAX_LEN`` bits, one table load, advance by the
-length (kernels notes §3.2). The code is length-limited, so there is no tree walk and no second table.
+length (docs/kernels.md). The code is length-limited, so there is no tree walk and no second table.
 
 Parallelism: one lane per chunk, all lanes stepping through their ``CHUNK`` symbols in lock-step; output
 positions are implicit (symbol ``t`` of chunk ``c`` is flat index ``c · CHUNK + t`` of the row-major

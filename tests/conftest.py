@@ -1,7 +1,7 @@
 """Test-session setup that must happen before any test module imports triton, and a loader for bench scripts.
 
 Without a GPU, the Triton kernels run in Triton's interpreter, which is chosen by ``TRITON_INTERPRET=1``
-at triton's first import (kernels notes §4); a GPU session leaves it unset and runs them natively.
+at triton's first import (docs/kernels.md); a GPU session leaves it unset and runs them natively.
 """
 
 import importlib.util

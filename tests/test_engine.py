@@ -125,21 +125,6 @@ def test_linear_called_twice_falls_back_to_two_pass():
     assert records[0].tokens == 40
 
 
-def test_skip_first_tokens_leaves_those_positions_out_of_the_hessians():
-    a, b = tiny_llama(), tiny_llama()
-    ids = calib()
-    ra = quantize_model(a, QuantSpec(bits=3, group_size=16, skip_first_tokens=2), ids, progress=False)
-    assert ra[0].tokens == 6 * (24 - 2)
-    # block 0's q_proj input (embedding + RMSNorm) is per-token, so its Hessian without the first two positions
-    # is exactly the Hessian of the windows cut after them; the model's forward still sees the whole windows
-    quantize_model(b, QuantSpec(bits=3, group_size=16), ids[:, 2:], progress=False)
-    name = "model.layers.0.self_attn.q_proj"
-    assert torch.equal(codes_of(a)[name], codes_of(b)[name])
-    c = tiny_llama()
-    quantize_model(c, QuantSpec(bits=3, group_size=16), ids, progress=False)
-    assert not torch.equal(codes_of(a)[name], codes_of(c)[name])
-
-
 @pytest.mark.parametrize(
     ("spec", "batch_size", "one_pass"),
     [
@@ -200,31 +185,43 @@ def test_memory_of_a_block_is_freed_as_soon_as_it_is_done(monkeypatch):
     are freed once the next input arrives, each Linear runs on its dense quantized copy only during its own
     call, and nothing a block's solve built survives into the next block (that leak held a whole block's
     Hessians, ~0.5 GB on Qwen2.5-0.5B, through the next block's solve)."""
+    import gc
     import weakref
 
     import hf_babai.engine as engine
+    import hf_babai.engine.schedules as schedules
 
     alive: list[tuple[str, int, int]] = []
-    solve = engine._BlockQuantizer.solve
+    hessians: list[weakref.ref] = []
+    float_ptrs: dict[nn.Linear, int] = {}
+    init, solve = engine.BlockHessians.__init__, schedules.solve_layer
 
-    def spy(self, name):
-        res = solve(self, name)
-        dense = [n for n, lin in self.linears.items() if n != name and n in self.originals
-                 and lin.weight.data_ptr() != self.originals[n].data_ptr()]  # fmt: skip
-        assert not dense, f"{dense} still hold their dense quantized copy while {name} is solved"
-        alive.append((name.rsplit(".", 1)[-1], len(self.factors), len({id(a) for a in self.acc.values()})))
-        quantizers.append(weakref.ref(self))
+    def track(self, spec):
+        init(self, spec)
+        hessians.append(weakref.ref(self))
+
+    def spy(lin, factor, spec):
+        res = solve(lin, factor, spec)
+        dense = [other for other, ptr in float_ptrs.items() if other is not lin and other.weight.data_ptr() != ptr]
+        assert not dense, f"{len(dense)} Linears still hold their dense quantized copy while another is solved"
+        h = hessians[-1]()
+        name = next(n for n, m in current[0].named_modules() if m is lin)
+        alive.append((name.rsplit(".", 1)[-1], len(h.factors), len({id(a) for a in h.acc.values()})))
         return res
 
-    quantizers: list[weakref.ref] = []
+    current: list[nn.Module] = [None]
     onload = engine.onload_block
 
     def check_onload(block):
-        engine.gc.collect()  # cycles aside, the previous block's quantizer must be unreachable here
-        assert all(q() is None for q in quantizers), "a finished block's Hessians and factors are still referenced"
+        gc.collect()  # cycles aside, the previous block's Hessians and factors must be unreachable here
+        assert all(h() is None for h in hessians), "a finished block's Hessians and factors are still referenced"
         onload(block)
+        current[0] = block
+        float_ptrs.clear()
+        float_ptrs.update({m: m.weight.data_ptr() for m in block.modules() if isinstance(m, nn.Linear)})
 
-    monkeypatch.setattr(engine._BlockQuantizer, "solve", spy)
+    monkeypatch.setattr(engine.BlockHessians, "__init__", track)
+    monkeypatch.setattr(schedules, "solve_layer", spy)
     monkeypatch.setattr(engine, "onload_block", check_onload)
     model = tiny_llama()
     quantize_model(model, QuantSpec(bits=4, group_size=16, true_sequential=True), calib(), progress=False)

@@ -101,5 +101,5 @@ def test_spec_validates_the_format():
         QuantSpec(format="hptq")
     with pytest.raises(ValueError, match=r"applies to format=.hptq. only"):
         QuantSpec(target_bpw=3.0)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"format='nf4' is invalid; use one of \('int', 'ssqr', 'hptq'\)"):
         QuantSpec(format="nf4")

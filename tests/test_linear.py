@@ -1,4 +1,4 @@
-"""Tests for hf_babai.formats.linear.BabaiLinear: forward semantics, chunking, bias, (de)serialisation."""
+"""Tests for hf_babai.formats.integer.BabaiLinear: forward semantics, chunking, bias, (de)serialisation."""
 
 from __future__ import annotations
 

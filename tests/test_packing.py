@@ -213,39 +213,3 @@ def test_bits_per_weight_of_packed_tensors_matches_shape_formula() -> None:
         assert bits_per_weight({**buf, "bias": torch.zeros(n, dtype=torch.float32)}, k, n) == expected
     # Any extra metadata buffer is charged (the measure must not under-report future formats).
     assert bits_per_weight({**buf, "perm": torch.zeros(k, dtype=torch.int32)}, k, n) == pytest.approx(expected + 32 / n)
-
-
-def _imports(path) -> set[str]:
-    """Absolute module names imported anywhere in a source file (relative imports resolved)."""
-    import ast
-
-    tree = ast.parse(path.read_text())
-    pkg = ".".join(path.relative_to(path.parents[2]).with_suffix("").parts[:-1])
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
-            mod = ".".join(p for p in (base, node.module or "") if p)
-            out.add(mod)
-    return out
-
-
-@pytest.mark.parametrize(
-    ("layer", "forbidden"),
-    [
-        ("formats", ("transformers", "hf_babai.solver", "hf_babai.hf", "hf_babai.engine")),
-        ("solver", ("transformers", "hf_babai.formats", "hf_babai.hf", "hf_babai.engine")),
-    ],
-)
-def test_layers_import_one_way(layer, forbidden) -> None:
-    """The algorithm and format layers are pure tensor code: no transformers, no upward imports. (Importing
-    the ``hf_babai`` package itself registers the transformers quantizer, by design; this checks the layers'
-    own modules.)"""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "hf_babai" / layer
-    for f in root.glob("*.py"):
-        bad = sorted(m for m in _imports(f) if m.startswith(forbidden))
-        assert not bad, (f.name, bad)

@@ -24,7 +24,8 @@ from hf_babai.solver import (
     proxy_loss,
     rtn_quantize,
 )
-from hf_babai.solver.reference import babai_reference, gptq_reference
+
+from .oracles import babai_reference, gptq_reference
 
 
 def random_problem(seed: int, n: int = 5, k: int = 40, tokens: int = 300):

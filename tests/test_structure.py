@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Folders whose .py files run as scripts or are imported with the folder itself first on sys.path
 # (``python bench/x.py`` puts bench/ there; pytest puts the rootdir there for the test packages).
@@ -56,3 +58,173 @@ def test_top_level_folders_named_like_packages_stay_namespace_folders():
     only ever treats it as a namespace portion, which never wins over an installed ``kernels`` package."""
     assert not (ROOT / "kernels" / "__init__.py").exists()
     assert "kernels" not in _top_level_names()
+
+
+# ------------------------------------------------------------------ layers and the imports each may make
+
+PACKAGE = ROOT / "hf_babai"
+# Each room of hf_babai and the rooms it may import (itself included). One way, top to bottom:
+# cli/hub/eval -> hf (the transformers adapter) -> engine -> spec -> formats + solver; kernels/ below formats
+# (loaded by path); data and perplexity are leaves anyone above the solver may use.
+MAY_IMPORT = {
+    "solver": {"solver"},
+    "formats": {"formats", "solver"},
+    "spec": {"spec", "formats", "solver"},
+    "engine": {"engine", "spec", "formats", "solver"},
+    "data": {"data"},
+    "perplexity": {"perplexity"},
+    "hf": {"hf", "engine", "spec", "formats", "solver", "data", "perplexity"},
+    "hub": {"hub", "hf"},
+    "eval": {"eval", "data", "__init__"},
+    "assets": {"assets", "data"},
+    "cli": {"cli", "__init__", "hf", "engine", "spec", "formats", "solver", "data", "perplexity", "assets", "eval"},
+    "__init__": {"__init__", "hf", "eval", "hub"},
+    "__main__": {"cli"},
+}
+# Third-party packages only some rooms may import: the pure layers stay free of transformers, and only the
+# commands that ask for them load lm-eval, the Hub client or the offline installer's subprocesses.
+ONLY_IN = {
+    "transformers": {"hf", "cli", "assets", "eval"},
+    "huggingface_hub": {"hub", "eval"},
+    "lm_eval": {"eval"},
+    "accelerate": {"engine"},
+    "subprocess": {"assets"},
+    "triton": set(),
+}
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Absolute names imported anywhere in a source file, run-time imports only (an ``if TYPE_CHECKING:`` block is
+    for type hints); relative imports resolved against ``package``; ``from a import b`` gives both ``a`` and
+    ``a.b``, since ``b`` may be a module."""
+    import ast
+
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module or "") if p)
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return out
+
+
+def _room(module: str) -> str | None:
+    """The room of an ``hf_babai`` module name (``None`` outside the package; ``hf_babai.x`` where ``x`` is no
+    module of the package, e.g. ``from hf_babai import BabaiConfig``, is the package's ``__init__``)."""
+    parts = module.split(".")
+    if parts[0] != "hf_babai":
+        return None
+    if len(parts) > 1 and ((PACKAGE / parts[1]).is_dir() or (PACKAGE / f"{parts[1]}.py").is_file()):
+        return parts[1]
+    return "__init__"
+
+
+def _sources() -> list[tuple[str, Path, str]]:
+    """``(room, file, package the file's relative imports resolve against)`` for every module of hf_babai."""
+    out = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts  # ("hf_babai", "engine", "blocks")
+        package = ".".join(parts if f.name == "__init__.py" else parts[:-1]).removesuffix(".__init__")
+        room = parts[1] if len(parts) > 2 else parts[-1]
+        out.append((room, f, package))
+    return out
+
+
+def test_every_room_of_the_package_has_a_rule():
+    rooms = {room for room, _, _ in _sources()}
+    assert rooms == set(MAY_IMPORT), f"give each room a rule: {sorted(rooms ^ set(MAY_IMPORT))}"
+
+
+def test_imports_flow_one_way_between_rooms():
+    bad = []
+    for room, f, package in _sources():
+        for name in _imports(f, package):
+            target = _room(name)
+            if target is not None and target not in MAY_IMPORT[room]:
+                bad.append(f"{f.relative_to(ROOT)} imports {name} ({room} -> {target})")
+            top = name.split(".")[0]
+            if top in ONLY_IN and room not in ONLY_IN[top]:
+                bad.append(f"{f.relative_to(ROOT)} imports {top}, which only {sorted(ONLY_IN[top])} may")
+    assert not bad, "\n".join(bad)
+
+
+def test_triton_sources_import_nothing_of_the_package():
+    for f in (ROOT / "kernels").glob("*.py"):
+        assert not {n for n in _imports(f, "kernels") if n.startswith("hf_babai")}, f.name
+
+
+# ------------------------------------------------------------------ what `import hf_babai` and quantizing load
+
+_LEAN_CHILD = r"""
+import json, os, subprocess, sys, tempfile
+
+def refuse(*a, **k):
+    raise AssertionError(f"a subprocess was started: {a[:1]}")
+
+subprocess.run = subprocess.Popen = subprocess.call = subprocess.check_call = subprocess.check_output = refuse
+os.system = refuse
+import hf_babai  # registers the quantizer
+after_import = sorted(sys.modules)
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+class Chars:  # a character-level tokenizer: enough for calibration windows
+    bos_token_id = None
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [min(ord(c), 255) for c in text]}
+
+cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+path = tempfile.mkdtemp()
+LlamaForCausalLM(cfg).save_pretrained(path)
+qcfg = hf_babai.BabaiConfig(bits=4, group_size=16, dataset="austen", tokenizer=Chars(), nsamples=2, seqlen=32)
+model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.float32)
+print(json.dumps({"after_import": after_import, "after_quantize": sorted(sys.modules),
+                  "calibration": model.config.quantization_config.calibration}))
+"""
+
+
+def test_import_and_quantize_on_load_stay_lean_and_never_install():
+    """``import hf_babai`` registers the quantizer and loads nothing a user did not ask for (no lm-eval, no Hub card
+    and upload code, no Triton, no offline installer); quantizing on load with the built-in text starts no
+    process (no pip, no apt) and never imports the installer."""
+    out = subprocess.run([sys.executable, "-c", _LEAN_CHILD], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = ("lm_eval", "hf_babai.eval", "hf_babai.hub", "hf_babai.assets", "hf_babai.cli", "triton")
+    loaded = [m for m in run["after_import"] if m.startswith(heavy)]
+    assert not loaded, loaded
+    assert "transformers.quantizers.auto" in run["after_import"]
+    # (transformers itself may import triton while building a model; hf_babai's kernels load only on CUDA inputs)
+    assert not [m for m in run["after_quantize"] if m.startswith((*heavy[:-1], "hf_babai.kernels"))]
+    assert run["calibration"]["source"] == "austen" and run["calibration"]["tokens"] == 64
+
+
+def test_the_packaged_texts_are_checked_when_read(monkeypatch, tmp_path):
+    """A damaged install fails loudly instead of calibrating on something else."""
+    import lzma
+
+    from hf_babai import data
+
+    text = data.calibration_text()
+    assert len(text) > 1_300_000 and text.startswith("EMMA")
+    assert data.eval_text_file().read_text().startswith("Chapter 1")
+    (tmp_path / data.CALIBRATION_FILE).write_bytes(lzma.compress(text[:-1].encode()))
+    monkeypatch.setattr(data, "data_file", lambda name: tmp_path / name)
+    data.calibration_text.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"is damaged .* reinstall hf-babai"):
+            data.calibration_text()
+    finally:
+        data.calibration_text.cache_clear()
+

@@ -1,11 +1,17 @@
-"""Storage formats for quantized weights: canonical packing and the ``BabaiLinear`` module.
+"""Storage formats: the registry, the built-in formats and the packing they share.
 
-Pure torch on purpose: checkpoints must load (and be inspected) without transformers or the
-solver installed.
+Each format is one module that registers a :class:`QuantFormat` (``int``: :mod:`.integer`, ``ssqr``: :mod:`.ssqr`,
+``hptq``: :mod:`.hptq`); importing this package registers them. Pure torch plus the solver they are solved with:
+no transformers, so checkpoints can be inspected and modules built without it.
 """
 
-from .entropy_linear import HuffmanLinear
-from .linear import DEFAULT_CHUNK_SIZE, BabaiLinear
+# the import order is the registration order, which is the order of the format choices
+# isort: off
+from .integer import DEFAULT_CHUNK_SIZE, BabaiLinear, IntFormat
+from .ssqr import SSQRFormat, SSQRLinear
+from .hptq import HPTQFormat, HuffmanLinear
+
+# isort: on
 from .packing import (
     SUPPORTED_BITS,
     Plane,
@@ -20,23 +26,41 @@ from .packing import (
     unpack_codes,
     unpack_weight,
 )
-from .ssqr_linear import SSQRLinear
+from .registry import (
+    QuantFormat,
+    format_names,
+    format_of,
+    get_format,
+    model_bits_per_weight,
+    quantized_modules,
+    register_format,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "SUPPORTED_BITS",
     "BabaiLinear",
+    "HPTQFormat",
     "HuffmanLinear",
+    "IntFormat",
     "Plane",
+    "QuantFormat",
+    "SSQRFormat",
     "SSQRLinear",
     "bit_planes",
     "bits_per_weight",
     "dequantize_packed",
     "format_bits_per_weight",
+    "format_names",
+    "format_of",
+    "get_format",
+    "model_bits_per_weight",
     "num_groups",
     "pack_codes",
     "pack_weight",
     "packed_buffer_specs",
+    "quantized_modules",
+    "register_format",
     "unpack_codes",
     "unpack_weight",
 ]

@@ -113,7 +113,7 @@ def kernel_config(m: int, n: int, k: int, on_gpu: bool) -> tuple[int, int, int, 
 
 
 # Above this many activation rows a GPU dequantizes once into a dense buffer and runs cuBLAS (the fused
-# kernel's tile is sized for decode); kernels notes §6.1. bench/kernel_speed.py measures both paths at M = 128.
+# kernel's tile is sized for decode); docs/kernels.md. bench/kernel_speed.py measures both paths at M = 128.
 DEQUANT_MIN_M = 64
 
 

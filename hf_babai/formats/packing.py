@@ -9,7 +9,7 @@ group may be partial) and ``group_size = -1`` means one group per output row. Th
     W[n, k] = scales[n, k // g] * (codes[n, k] - zero[n, k // g])
 
 This module turns that into the buffers below and back. The layout follows GPTQ / GemLite
-(kernels notes §1.1, §6.2): K is packed into int32 words LSB-first with N contiguous, so a GPU
+(docs/kernels.md): K is packed into int32 words LSB-first with N contiguous, so a GPU
 thread block reading one word-row loads consecutive addresses (coalesced), and kernels derive
 any tiled layout from this canonical one at load time.
 
@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..solver.grid import SUPPORTED_BITS, effective_group_size, num_groups
+
 __all__ = [
     "SUPPORTED_BITS",
     "Plane",
@@ -59,7 +61,6 @@ __all__ = [
     "unpack_weight",
 ]
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 _WORD_BITS = 32
 
 
@@ -92,21 +93,6 @@ def bit_planes(bits: int) -> tuple[Plane, ...]:
     if bits == 3:
         return (Plane("", 2, 0), Plane("_hi", 1, 2))
     return (Plane("", bits, 0),)
-
-
-def num_groups(in_features: int, group_size: int) -> int:
-    """``G = ceil(K / group_size)``, or 1 for per-channel (``group_size == -1``)."""
-    return -(-in_features // _effective_group_size(in_features, group_size))
-
-
-def _effective_group_size(in_features: int, group_size: int) -> int:
-    if in_features < 1:
-        raise ValueError(f"in_features must be >= 1, got {in_features!r}")
-    if group_size == -1:
-        return in_features
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int or -1 (per-channel), got {group_size!r}")
-    return group_size
 
 
 def _check_integer(t: Tensor, name: str) -> None:
@@ -300,7 +286,7 @@ def dequantize_packed(
     zeros = _unpack_zeros(buffers, bits, buffers["scales"].shape[1])
     zero = float(1 << (bits - 1)) if zeros is None else zeros[rows].float().unsqueeze(-1)
     n, groups = scales.shape
-    g = _effective_group_size(in_features, group_size)
+    g = effective_group_size(in_features, group_size)
     padded = torch.zeros(n, groups * g, dtype=torch.float32, device=codes.device)
     padded[:, :in_features] = codes
     weight = (padded.view(n, groups, g) - zero) * scales.unsqueeze(-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .config import QUANT_METHOD, BabaiConfig
 from .export import export
 from .optimum_api import BabaiQuantizer
-from .quantizer import BabaiHfQuantizer, CheckpointError, check_checkpoint, replace_with_babai_linear
+from .quantizer import BabaiHfQuantizer, CheckpointError, check_checkpoint, replace_with_quantized_modules
 
 __all__ = [
     "QUANT_METHOD",
@@ -22,7 +22,7 @@ __all__ = [
     "export",
     "quant_log_records",
     "register",
-    "replace_with_babai_linear",
+    "replace_with_quantized_modules",
     "write_quant_log",
 ]
 

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
+from ..data import calibration_text as builtin_calibration_text
 from ..perplexity import calibration_windows
 from .config import BabaiConfig, describe_calibration
 
 MISSING_DATASET = (
     "BabaiConfig(method='babai') needs calibration data to quantize on load: pass dataset=[texts...] "
-    "(and tokenizer=...), dataset='austen' for the offline default, or method='rtn' for no calibration"
+    "(and tokenizer=...), dataset='austen' for the built-in text, or method='rtn' for no calibration"
 )
 
 
@@ -70,9 +71,7 @@ def calibration_batches(
         source = "pre-tokenized"
     elif data == "austen" or (isinstance(data, list) and data and all(isinstance(d, str) for d in data)):
         if data == "austen":
-            from .. import assets
-
-            text, source = assets.calibration_text(), "austen"
+            text, source = builtin_calibration_text(), "austen"
         else:
             text, source = "\n\n".join(data), "texts"
         tok = _load_tokenizer(cfg.tokenizer, model)

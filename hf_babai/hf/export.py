@@ -1,9 +1,10 @@
-"""``hf_babai.export``: write a babai model as a GPTQ v1 checkpoint that GPTQ loaders read unchanged.
+"""``hf_babai.export``: write a babai model in a checkpoint format other tools load unchanged.
 
-Babai codes on a clipped grid are ordinary GPTQ codes (same grid, same scales, natural column order), so the
-export is a lossless repacking (:mod:`hf_babai.formats.gptq`): every ``BabaiLinear`` becomes
-``qweight/qzeros/scales/g_idx`` (+ ``bias``), everything else is saved as is, and ``config.json`` gets a GPTQ
-``quantization_config`` (``quant_method: "gptq"``, ``checkpoint_format: "gptq"``, ``desc_act: false``).
+The model's format says what it converts to losslessly (``QuantFormat.exports``) and gives each module's tensors.
+Today that is GPTQ v1 for the ``int`` format: Babai codes on a clipped grid are ordinary GPTQ codes (same grid,
+same scales, natural column order), so every quantized module becomes ``qweight/qzeros/scales/g_idx`` (+ ``bias``),
+everything else is saved as is, and ``config.json`` gets a GPTQ ``quantization_config`` (``quant_method: "gptq"``,
+``checkpoint_format: "gptq"``, ``desc_act: false``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..formats import BabaiLinear, HuffmanLinear, SSQRLinear
-from ..formats.gptq import gptq_tensors
+from ..formats import quantized_modules
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -50,15 +50,13 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
         model = AutoModelForCausalLM.from_pretrained(src_dir)
     else:
         model = model_or_dir
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, BabaiLinear)}
-    if any(isinstance(m, (HuffmanLinear, SSQRLinear)) for m in model.modules()):
-        raise ValueError(
-            "format='hptq'/'ssqr' models keep unclipped values (entropy-coded codes or sparse outliers); GPTQ "
-            "checkpoints hold fixed-width codes on a clipped grid, so they cannot be exported losslessly. "
-            "Export a format='int' model instead"
-        )
-    if not mods:
-        raise ValueError("the model has no BabaiLinear layers; quantize it with hf_babai first")
+    found = list(quantized_modules(model))
+    if not found:
+        raise ValueError("the model has no quantized layers; quantize it with hf_babai first")
+    for fmt in {f.name: f for _, _, f in found}.values():
+        if format not in fmt.exports:
+            raise ValueError(f"format={fmt.name!r} models cannot be exported to {format!r}: {fmt.no_export}")
+    mods = {n: m for n, m, _ in found}
     kinds = {(m.bits, m.group_size, m.sym) for m in mods.values()}
     if len(kinds) != 1:
         raise ValueError(
@@ -67,10 +65,8 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
     bits, group_size, sym = kinds.pop()
 
     state: dict[str, torch.Tensor] = {}
-    for name, mod in mods.items():
-        for k, t in gptq_tensors(
-            mod.packed_buffers(), bits, group_size, sym, mod.in_features, mod.out_features
-        ).items():
+    for name, mod, fmt in found:
+        for k, t in fmt.export_tensors(format, mod).items():
             state[f"{name}.{k}"] = t
         if mod.bias is not None:
             state[f"{name}.bias"] = mod.bias.detach()

@@ -59,7 +59,7 @@ class BabaiQuantizer:
         format: ``"gptq"`` (GPTQQuantizer's default) means hf_babai's GPTQ-compatible ``"int"`` format;
             ``"hptq"`` / ``"ssqr"`` select the no-clipping formats (with ``target_bpw`` / ``outlier_rate``).
         true_sequential: GPTQ's option, passed on; hf_babai's default is ``None`` (auto: one pass per block at
-            ≥ 3 bits, two passes at 2 bits, where the one-pass schedule measured far worse; README), not
+            ≥ 3 bits, two passes at 2 bits, where the one-pass schedule measured far worse; docs/design.md), not
             GPTQQuantizer's unconditional True.
         order, method, modules_to_not_convert, ...: any other ``BabaiConfig`` field.
     """

@@ -6,9 +6,10 @@ weights load (accelerate may dispatch/offload) → ``_process_model_after_weight
 hooks are implemented (plus ``_dequantize``, ``is_serializable``, ``is_trainable``).
 
 - **Pre-quantized checkpoint**: before loading, every Linear the engine would quantize
-  (:func:`hf_babai.engine.quantizable_linears`) becomes a meta ``BabaiLinear`` with the checkpoint's bits, group
-  size and symmetry, and the safetensors headers are checked against those modules. transformers initialises
-  missing tensors randomly, so a missing, truncated or wrongly shaped tensor is refused here, by name.
+  (:func:`hf_babai.engine.quantizable_linears`) becomes an empty module of the checkpoint's format (built by the
+  format registry on the meta device), and the safetensors headers are checked against those modules.
+  transformers initialises missing tensors randomly, so a missing, truncated or wrongly shaped tensor is refused
+  here, by name.
 - **Quantize on load**: after loading, the calibration windows go through the engine block by block. If
   accelerate offloaded blocks (CPU or disk), each is onloaded just before it is quantized and stays resident at
   quantized size.
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from ..engine import _replace, quantizable_linears, quantize_model
-from ..formats import BabaiLinear, HuffmanLinear, SSQRLinear
+from ..engine import quantizable_linears, quantize_model, replace_module
+from ..formats import format_names, format_of, get_format, quantized_modules
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
 
@@ -48,34 +49,27 @@ class CheckpointError(ValueError):
     """A babai checkpoint that cannot be loaded faithfully (missing, truncated or mis-shaped tensors)."""
 
 
-QuantModule = BabaiLinear | HuffmanLinear | SSQRLinear
-
-
-def replace_with_babai_linear(model: nn.Module, cfg: BabaiConfig) -> dict[str, QuantModule]:
-    """Swaps every quantizable ``nn.Linear`` for an empty ``BabaiLinear`` (``HuffmanLinear`` for
-    ``format="hptq"``, sized from ``cfg.layers``) on the Linear's own device (meta during ``from_pretrained``),
-    with the config's format and the Linear's dtype. Returns the new modules by name."""
-    new: dict[str, QuantModule] = {}
-    linears = quantizable_linears(model, cfg.skip)
-    if cfg.format != "int":
+def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[str, nn.Module]:
+    """Swaps every quantizable ``nn.Linear`` for an empty module of ``cfg.format`` (sized from ``cfg.layers`` for
+    formats sized by their data) on the Linear's own device (meta during ``from_pretrained``), with the Linear's
+    dtype. Returns the new modules by name."""
+    spec = cfg.spec()
+    fmt = get_format(spec.format)
+    linears = quantizable_linears(model, spec.skip)
+    if fmt.sized_by_data:
         missing = sorted(set(linears) - set(cfg.layers or {}))
         if missing:
             raise CheckpointError(
-                f"format={cfg.format!r} checkpoint without buffer sizes for {len(missing)} modules (e.g. "
+                f"format={fmt.name!r} checkpoint without buffer sizes for {len(missing)} modules (e.g. "
                 f"{missing[0]}) in config.json quantization_config.layers; it was not written by hf_babai's "
                 "quantizer: re-save it"
             )
+    new: dict[str, nn.Module] = {}
     for name, lin in linears.items():
+        sizes = cfg.layers[name] if fmt.sized_by_data else None
         common = {"bias": lin.bias is not None, "dtype": lin.weight.dtype, "device": lin.weight.device}
-        if cfg.format == "hptq":
-            q: QuantModule = HuffmanLinear(lin.in_features, lin.out_features, **cfg.layers[name], **common)
-        elif cfg.format == "ssqr":
-            shape = (lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.sym)
-            q = SSQRLinear(*shape, **cfg.layers[name], **common)
-        else:
-            q = BabaiLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.sym, **common)
-        _replace(model, name, q)
-        new[name] = q
+        new[name] = fmt.empty(lin.in_features, lin.out_features, spec, sizes, **common)
+        replace_module(model, name, new[name])
     if not new:
         raise ValueError(
             "this model has no Linear layers that BabaiConfig would quantize; check modules_to_not_convert"
@@ -103,10 +97,10 @@ def _read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str, str
     return out
 
 
-def check_checkpoint(model: nn.Module, modules: dict[str, QuantModule], files: list[str] | None) -> None:
+def check_checkpoint(model: nn.Module, modules: dict[str, nn.Module], files: list[str] | None) -> None:
     """Refuses a checkpoint whose packed tensors do not match the modules they load into, before any loading.
 
-    Checked: every buffer of every ``BabaiLinear`` (and its bias) is present with the exact shape and dtype;
+    Checked: every tensor each module's format declares (and its bias) is present with the exact shape and dtype;
     no packed tensor is left without a module; and (for models whose checkpoint keys equal their state-dict
     keys) every other persistent tensor that is not tied is present."""
     if not files:
@@ -114,7 +108,7 @@ def check_checkpoint(model: nn.Module, modules: dict[str, QuantModule], files: l
     header = _read_headers([str(f) for f in files])
     problems: list[str] = []
     for name, mod in modules.items():
-        specs = {k: (tuple(t.shape), t.dtype) for k, t in mod.packed_buffers().items()}
+        specs = format_of(mod).tensors(mod)
         if mod.bias is not None:
             specs = {**specs, "bias": ((mod.out_features,), None)}
         for buf, (shape, dtype) in specs.items():
@@ -127,7 +121,8 @@ def check_checkpoint(model: nn.Module, modules: dict[str, QuantModule], files: l
                 problems.append(f"{key} has shape {list(got_shape)} in {Path(f).name}, expected {list(shape)}")
             elif dtype is not None and got_dtype != _ST_DTYPES.get(dtype):
                 problems.append(f"{key} has dtype {got_dtype} in {Path(f).name}, expected {_ST_DTYPES.get(dtype)}")
-    packed_keys = {k for k in header if k.endswith((".qweight", ".stream"))}
+    primary = {get_format(f).primary for f in format_names()}
+    packed_keys = {k for k in header if k.rsplit(".", 1)[-1] in primary}
     for orphan in sorted(k for k in packed_keys if k.rsplit(".", 1)[0] not in modules):
         problems.append(f"{orphan} has no quantized module to load into (was it saved with other settings?)")
     problems += _missing_dense(model, header, set(modules))
@@ -180,7 +175,7 @@ class BabaiHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
-            modules = replace_with_babai_linear(model, self.quantization_config)
+            modules = replace_with_quantized_modules(model, self.quantization_config)
             check_checkpoint(model, modules, kwargs.get("checkpoint_files"))
         return model
 
@@ -196,25 +191,24 @@ class BabaiHfQuantizer(HfQuantizer):
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
         self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
-        if cfg.format != "int":  # their sizes depend on the data: the loader needs them to allocate the modules
-            sized = (HuffmanLinear, SSQRLinear)
-            cfg.layers = {n: m.buffer_sizes() for n, m in model.named_modules() if isinstance(m, sized)}
+        fmt = get_format(cfg.format)
+        if fmt.sized_by_data:  # the loader needs each module's sizes to allocate it before reading its tensors
+            cfg.layers = {n: f.buffer_sizes(m) for n, m, f in quantized_modules(model)}
         log.info("hf_babai: quantized %d layers in %.1f s", len(self.records), time.perf_counter() - start)
         model.config.quantization_config = cfg
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """Every ``BabaiLinear``/``HuffmanLinear`` becomes an ``nn.Linear`` holding its dequantized weight."""
-        for name, mod in list(model.named_modules()):
-            if isinstance(mod, (BabaiLinear, HuffmanLinear)):
-                dt = dtype or mod.compute_dtype
-                dev = next(iter(mod.packed_buffers().values())).device
-                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=dev, dtype=dt)
-                with torch.no_grad():
-                    lin.weight.copy_(mod.dequantize(dt))
-                    if mod.bias is not None:
-                        lin.bias.copy_(mod.bias)
-                _replace(model, name, lin)
+        """Every quantized module becomes an ``nn.Linear`` holding its dequantized weight."""
+        for name, mod, fmt in list(quantized_modules(model)):
+            dt = dtype or mod.compute_dtype
+            dev = next(iter(mod.packed_buffers().values())).device
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=dev, dtype=dt)
+            with torch.no_grad():
+                lin.weight.copy_(fmt.dequantize(mod, dt))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            replace_module(model, name, lin)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

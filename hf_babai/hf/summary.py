@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..engine import model_bits_per_weight
-from ..formats import BabaiLinear, HuffmanLinear
+from ..formats import get_format, model_bits_per_weight
 from .config import QUANT_METHOD, BabaiConfig
-from .quantizer import check_checkpoint, replace_with_babai_linear
+from .quantizer import check_checkpoint, replace_with_quantized_modules
 
 
 def read_babai_config(path: str | Path) -> BabaiConfig:
@@ -68,36 +67,24 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    modules = replace_with_babai_linear(skeleton, qcfg)
+    modules = replace_with_quantized_modules(skeleton, qcfg)
     files = sorted(str(f) for f in path.glob("*.safetensors"))
     check_checkpoint(skeleton, modules, files)
-    quantized = sum(
-        m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, (BabaiLinear, HuffmanLinear))
-    )
-    if qcfg.format == "hptq":
-        fmt = f"babai v{qcfg.format_version}: hptq, entropy-coded codes, one scale per matrix, {qcfg.target_bpw} bpw"
-        headline = f"{qcfg.target_bpw}-bpw entropy-coded (HPTQ)"
-        layout = "entropy-coded integers, one float16 scale per matrix (no clipping)"
-    else:
-        fmt = f"babai v{qcfg.format_version}: {qcfg.bits}-bit, group {qcfg.group_size}, " + (
-            "symmetric" if qcfg.sym else "asymmetric"
-        )
-        headline = f"{qcfg.bits}-bit"
-        layout = f"{qcfg.bits} / {qcfg.group_size} (" + ("symmetric" if qcfg.sym else "asymmetric") + ")"
-        if qcfg.format == "ssqr":
-            fmt += f", sparse exact outliers (at most {qcfg.outlier_rate:.2%} per layer, SSQR)"
-            headline += f" + {qcfg.outlier_rate:.2%} outliers (SSQR)"
-            layout += f" + float16 CSR outliers, ≤ {qcfg.outlier_rate:.2%} of weights per layer"
+    quantized = sum(m.in_features * m.out_features for m in modules.values())
+    spec = qcfg.spec()
+    about = get_format(spec.format).describe(spec)
     dense = sum(p.numel() for n, p in skeleton.named_parameters(remove_duplicate=True))
     return {
         "checkpoint": str(path),
         "architecture": (config.architectures or ["?"])[0],
-        "format": fmt,
+        "format": f"babai v{qcfg.format_version}: {about['format']}",
         "storage": qcfg.format,
         "target_bpw": qcfg.target_bpw,
         "outlier_rate": qcfg.outlier_rate,
-        "headline": headline,
-        "layout": layout,
+        "headline": about["headline"],
+        "layout": about["layout"],
+        "tags": about["tags"],
+        "card": about["card"],
         "method": qcfg.method,
         "order": qcfg.order,
         "bits": qcfg.bits,

@@ -1,7 +1,7 @@
 """The quantization algorithm as pure tensor code (no transformers import).
 
-``factor_hessian`` + ``babai_quantize`` are the fast path; ``rtn_quantize`` the baseline;
-``reference`` holds the slow float64 references used by the tests.
+``factor_hessian`` + ``babai_quantize`` are the fast path; ``rtn_quantize`` the baseline. The slow float64
+references the solver is tested against live with the tests (``tests/oracles.py``).
 """
 
 from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss

@@ -50,9 +50,7 @@ class Grid:
 
     def num_groups(self, in_features: int) -> int:
         """``G = ceil(K / group_size)``; 1 for per-channel."""
-        if self.group_size == -1:
-            return 1
-        return -(-in_features // self.group_size)
+        return num_groups(in_features, self.group_size)
 
     def group_index(self, in_features: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Group of every original column ``k``: ``k // group_size`` (all zeros per-channel)."""
@@ -60,7 +58,23 @@ class Grid:
         return torch.zeros_like(k) if self.group_size == -1 else k // self.group_size
 
     def effective_group(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return effective_group_size(in_features, self.group_size)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """Columns per group: ``group_size``, or all ``in_features`` for per-channel (``-1``)."""
+    if in_features < 1:
+        raise ValueError(f"in_features must be >= 1, got {in_features!r}")
+    if group_size == -1:
+        return in_features
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or -1 (per-channel), got {group_size!r}")
+    return group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """``G = ceil(K / group_size)`` (the last group may be partial), or 1 for per-channel (``group_size == -1``)."""
+    return -(-in_features // effective_group_size(in_features, group_size))
 
 
 def _grouped(w: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -116,8 +130,8 @@ def compute_scales(
     ``minmax`` spans each group's range. ``mse`` shrinks the range by factors ``1 − i/steps`` for
     ``i < max_shrink·steps`` and keeps, per group, the one with the smallest ``Σ|w − q|^norm`` — the
     grid search of GPTQ's and llm-compressor's MSE observer, with their norm 2.4: penalising large errors
-    a little more than squared error keeps more of each group's tail representable, which measurably helps
-    after error propagation (SmolLM2 3-bit g64: perplexity 28.6 with norm 2.4 vs 30.7 with norm 2).
+    a little more than squared error keeps more of each group's tail representable, which helps after error
+    propagation (measured: ``docs/benchmarks.md``).
 
     ``hmse`` is the same search with each column's error weighted by ``col_weight`` (``[K]``, the solver passes
     ``diag(H + λI)``): the proxy loss's own per-column weights. Why: weight-only MSE happily clips a large weight

@@ -66,23 +66,16 @@ class HessianAccumulator:
         return self.sum
 
 
-DAMP_WIDTH = 1 / 3  # default of layer_damp, QuantSpec and BabaiConfig: down_proj-like widths get ~0.1 (README)
+DAMP_WIDTH = 1 / 3  # default of layer_damp and the settings: a down_proj-like width gets about 0.1
 
 
 def layer_damp(in_features: int, tokens: int, damp: float = 0.01, damp_width: float = DAMP_WIDTH) -> float:
     """Damping fraction (of mean ``diag H``) for one layer: ``max(damp, damp_width · in_features / tokens)``.
 
-    Why: ``H`` is estimated from ``tokens`` calibration tokens, and the nearest-plane solve trusts its
-    correlations fully when it feeds each rounding error forward onto the remaining columns. The wider a layer
-    is per token, the less of that correlation structure carries over to other text. Measured on
-    Qwen2.5-0.5B the way ``bench/heldout_loss.py`` does (solve on one 32×512 draw, score the proxy loss on a disjoint
-    draw): ``down_proj`` (4864 inputs, 16k tokens) loses 1.4–1.65× more on the held-out draw than on its own,
-    the 896-wide Linears 1.06–1.13×; damping 0.1 (what this rule gives ``down_proj``) cut its held-out loss
-    4–10 % in blocks 3, 12 and 20, while damping 0.03 moved the narrow Linears by −0.4…+1.3 %. The rule is
-    empirical, not derived: on Gaussian synthetic inputs extra damping never lowered the held-out loss, so the
-    gain presumably comes from the structure of real activations (heavy-tailed, a few tokens dominating the
-    wide MLP inputs). End to end it lowered perplexity in 8 of 11 re-measured settings and raised it in 3
-    (README, "Damping that grows with width"). ``damp_width=0`` gives GPTQ's fixed damping.
+    Why: ``H`` is estimated from ``tokens`` calibration tokens, and the nearest-plane solve trusts its correlations
+    fully when it feeds each rounding error forward. The wider a layer is per token, the less of that structure
+    carries over to other text, so wide layers get more damping. The rule is empirical (measured on held-out
+    Hessians and end to end: ``docs/design.md``, "Damping"); ``damp_width=0`` gives GPTQ's fixed damping.
     """
     if tokens <= 0 or damp_width <= 0:
         return damp

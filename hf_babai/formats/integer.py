@@ -1,4 +1,8 @@
-"""``BabaiLinear``: an ``nn.Linear`` replacement that stores the canonical packed weight.
+"""The ``int`` format: ``bits``-bit codes on static group scales, the grid GPTQ checkpoints and servers use.
+
+A layer is solved by Babai's nearest plane with the scale rule of ``scale_method`` (``"auto"``: GPTQ's weight-only
+MSE scales, and a second solve with Hessian-aware scales + refit only where clipping broke Babai's bound; why:
+``docs/design.md``), optionally refined. ``BabaiLinear`` stores the result.
 
 The packed buffers (see :mod:`hf_babai.formats.packing`) are registered up front with their
 final shapes and dtypes, so a quantized model can be instantiated on the meta device and then
@@ -9,16 +13,27 @@ otherwise; :meth:`BabaiLinear._select_forward` is the one place that decides.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..solver.babai import HessianFactor, LayerStats, QuantResult, babai_quantize
+from ..solver.grid import compute_scales, count_clipped, dequantize, rtn_quantize
+from ..solver.refine import refine_result
+from .gptq import gptq_tensors
 from .kernel_ops import dense_matmul, select_backend
 from .packing import bit_planes, dequantize_packed, pack_weight, packed_buffer_specs
+from .registry import QuantFormat, register_format
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "BabaiLinear"]
+if TYPE_CHECKING:
+    from ..spec import QuantSpec
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "BabaiLinear", "IntFormat"]
 
 # Rows dequantized at once in the torch path: bounds the dense temporary to chunk_size * K values
 # (e.g. 4096 x 4096 fp32 = 64 MiB) instead of N * K for very wide layers such as lm_head.
@@ -187,3 +202,90 @@ class BabaiLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}"
         )
+
+
+AUTO_SCALES = ("mse", "hmse")
+"""``scale_method="auto"``: the first search is solved; the second (with the scale refit) only when the first
+solve's damped loss exceeds its Babai bound ``¼ Σ D_jj s_j²``, which without clipping it never can, so clipping
+has cost more than all of the rounding it saved."""
+
+
+@register_format
+class IntFormat(QuantFormat):
+    """``bits``-bit codes, group scales (zero points when asymmetric), natural column order: GPTQ's layout."""
+
+    name = "int"
+    module = BabaiLinear
+    primary = "qweight"
+    own_settings = ("rescale", "refine_sweeps")
+    scale_methods = ("mse", "hmse", "minmax", "auto")
+    one_pass = True
+    exports = ("gptq",)
+    kernel_ops = ("hf_babai::dense_matmul", "hf_babai::dense_dequantize")
+
+    def check(self, spec: QuantSpec) -> None:
+        if (spec.rescale or spec.refine_sweeps) and spec.method != "babai":
+            raise ValueError("rescale/refine_sweeps refine a Babai solve; unset them for method='rtn'")
+
+    def default_scale_method(self, spec: QuantSpec) -> str:
+        return "auto" if spec.method == "babai" and spec.bits != 2 else "mse"
+
+    def solve(self, w: Tensor, factor: HessianFactor, spec: QuantSpec, hessian: Callable[[], Tensor]) -> QuantResult:
+        """The solve under ``spec.scale_method``; ``stats.scales`` records the search that was kept (with
+        ``"auto"`` the candidate of lower proxy loss, each a full exact solve)."""
+        grid = spec.grid
+
+        def run(method: str, rescale: bool) -> tuple[QuantResult, QuantResult]:
+            babai = babai_quantize(w, factor, grid, scale_method=method, block_size=spec.block_size)
+            res = babai
+            if spec.refine_sweeps or rescale:
+                res = refine_result(w, hessian(), factor.damping, babai, grid, spec.refine_sweeps, rescale=rescale)
+            label = method + ("+refit" if rescale else "")
+            return replace(res, stats=replace(res.stats, scales=label)), babai
+
+        if spec.scale_method != "auto":
+            return run(spec.scale_method, spec.rescale)[0]
+        first, babai = run(AUTO_SCALES[0], spec.rescale)
+        if babai.stats.loss_damped <= babai.stats.bound:
+            return first
+        second = run(AUTO_SCALES[1], True)[0]
+        return min((first, second), key=lambda r: r.stats.loss)  # the first wins ties
+
+    def round(self, w: Tensor, spec: QuantSpec) -> QuantResult:
+        """Round to nearest on the same grid and scales; no Hessian, so loss and bound are NaN."""
+        start = time.perf_counter()
+        grid = spec.grid
+        scales, zeros = compute_scales(w.float(), grid, spec.scale_method)
+        codes = rtn_quantize(w.float(), scales, zeros, grid)
+        n, k = w.shape
+        nan = float("nan")
+        clipped = count_clipped(w, scales, zeros, grid)
+        stats = LayerStats(nan, nan, nan, nan, nan, clipped, n * k, 0.0, -1, 0, "rtn", time.perf_counter() - start)
+        return QuantResult(codes, scales, zeros, stats)
+
+    def dense(self, solution: QuantResult, spec: QuantSpec) -> Tensor:
+        return dequantize(solution.codes, solution.scales, solution.zeros, spec.grid)
+
+    def build(self, linear: nn.Linear, solution: QuantResult, spec: QuantSpec) -> BabaiLinear:
+        r = solution
+        return BabaiLinear.from_linear(linear, r.codes, r.scales, r.zeros, spec.bits, spec.group_size, spec.sym)
+
+    def empty(self, in_features, out_features, spec, sizes, *, bias, dtype, device) -> BabaiLinear:
+        shape = (in_features, out_features, spec.bits, spec.group_size, spec.sym)
+        return BabaiLinear(*shape, bias=bias, dtype=dtype, device=device)
+
+    def describe(self, spec: QuantSpec) -> dict[str, Any]:
+        sym = "symmetric" if spec.sym else "asymmetric"
+        return {
+            "format": f"{spec.bits}-bit, group {spec.group_size}, {sym}",
+            "headline": f"{spec.bits}-bit",
+            "layout": f"{spec.bits} / {spec.group_size} ({sym})",
+            "tags": [f"{spec.bits}-bit", "gptq-family"],
+            "card": {"format": self.name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym},
+        }
+
+    def export_tensors(self, target: str, module: nn.Module) -> dict[str, Tensor]:
+        if target != "gptq":
+            return super().export_tensors(target, module)
+        m = module
+        return gptq_tensors(m.packed_buffers(), m.bits, m.group_size, m.sym, m.in_features, m.out_features)

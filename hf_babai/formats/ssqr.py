@@ -1,4 +1,8 @@
-"""``SSQRLinear``: a ``BabaiLinear`` plus sparse exact outliers (paper §5.1, SSQR).
+"""The ``ssqr`` format: ``bits``-bit group-scaled inliers plus sparse exact outliers instead of clipping (paper §5.1).
+
+A layer is solved by :func:`hf_babai.solver.ssqr.ssqr_quantize` (Babai with overflowing codes kept as exact
+outliers, one scale factor per layer tuned to ``outlier_rate``); ``SSQRLinear`` stores it as a ``BabaiLinear``
+plus the outliers.
 
 The inliers are the canonical packed codes of :mod:`hf_babai.formats.packing` (outlier slots hold the zero code,
 so they dequantize to exactly 0); the outliers add, in row-compressed (CSR) form:
@@ -19,12 +23,22 @@ loader gets it from the checkpoint's quantization config (``buffer_sizes``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
-from .linear import BabaiLinear
+from ..solver.babai import HessianFactor, QuantResult
+from ..solver.grid import dequantize
+from ..solver.ssqr import ssqr_quantize
+from .integer import BabaiLinear
+from .registry import QuantFormat, register_format
 
-__all__ = ["SSQRLinear"]
+if TYPE_CHECKING:
+    from ..spec import QuantSpec
+
+__all__ = ["SSQRFormat", "SSQRLinear"]
 
 _OUTLIER_BUFFERS = ("outlier_rowptr", "outlier_cols", "outlier_values")
 
@@ -131,3 +145,59 @@ class SSQRLinear(BabaiLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", outliers={self.nnz}"
+
+
+@register_format
+class SSQRFormat(QuantFormat):
+    """Int inliers + float16 CSR outliers; no weight is clipped, so Babai's bound holds for every weight."""
+
+    name = "ssqr"
+    module = SSQRLinear
+    primary = "qweight"
+    own_settings = ("outlier_rate",)
+    methods = ("babai",)  # the scale factor is tuned on the Babai solve
+    sized_by_data = True
+    no_export = (
+        "its sparse outliers keep unclipped values, and GPTQ checkpoints hold fixed-width codes on a clipped grid; "
+        "export a format='int' model instead"
+    )
+    kernel_ops = ("hf_babai::dense_matmul", "hf_babai::dense_dequantize")
+
+    def solve(self, w: Tensor, factor: HessianFactor, spec: QuantSpec, hessian: Callable[[], Tensor]) -> QuantResult:
+        args = (w, factor, spec.grid, spec.outlier_rate)
+        return ssqr_quantize(*args, scale_method=spec.scale_method, block_size=spec.block_size)[0]
+
+    def dense(self, solution: QuantResult, spec: QuantSpec) -> Tensor:
+        w = dequantize(solution.codes, solution.scales, solution.zeros, spec.grid)
+        return w + solution.outliers.to_dense().to(w.device)
+
+    def build(self, linear: nn.Linear, solution: QuantResult, spec: QuantSpec) -> SSQRLinear:
+        r = solution
+        args = (linear, r.codes, r.scales, r.zeros, spec.bits, spec.group_size, spec.sym)
+        return SSQRLinear.from_linear(*args, outliers=r.outliers)
+
+    def empty(self, in_features, out_features, spec, sizes, *, bias, dtype, device) -> SSQRLinear:
+        shape = (in_features, out_features, spec.bits, spec.group_size, spec.sym)
+        return SSQRLinear(*shape, **sizes, bias=bias, dtype=dtype, device=device)
+
+    def buffer_sizes(self, module: SSQRLinear) -> dict[str, int]:
+        return module.buffer_sizes()
+
+    def describe(self, spec: QuantSpec) -> dict[str, Any]:
+        sym = "symmetric" if spec.sym else "asymmetric"
+        rate = spec.outlier_rate
+        return {
+            "format": f"{spec.bits}-bit, group {spec.group_size}, {sym}, sparse exact outliers (at most {rate:.2%} "
+            "per layer, SSQR)",
+            "headline": f"{spec.bits}-bit + {rate:.2%} outliers (SSQR)",
+            "layout": f"{spec.bits} / {spec.group_size} ({sym}) + float16 CSR outliers, ≤ {rate:.2%} of weights per "
+            "layer",
+            "tags": [f"{spec.bits}-bit", "ssqr"],
+            "card": {
+                "format": self.name,
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "sym": spec.sym,
+                "outlier_rate": rate,
+            },
+        }

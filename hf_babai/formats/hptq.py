@@ -1,4 +1,8 @@
-"""``HuffmanLinear``: a Linear whose weight is ``scale · Z`` with entropy-coded integer codes (HPTQ/HRTN).
+"""The ``hptq`` format: one scale per matrix, unbounded integer codes entropy-coded to a bit budget (paper §5.2).
+
+A layer is solved by :func:`hf_babai.solver.entropy.entropy_quantize` (HPTQ: Babai without clipping, the scale
+searched so the stored size meets ``target_bpw``; with ``method="rtn"`` HRTN). ``HuffmanLinear`` stores
+``W = scale · Z`` with the codes of :mod:`hf_babai.formats.huffman`.
 
 The buffers are those of :mod:`hf_babai.formats.huffman` plus the float16 ``scale``. Their sizes depend on
 the data (stream length, alphabet size), so a loader must be told them before it can allocate the module:
@@ -18,15 +22,23 @@ read). Set ``cache_dense = True`` to decode once and keep the dense weight (eval
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .huffman import DEFAULT_CHUNK, DEFAULT_MAX_LEN, decode_buffers, encode, huffman_lut, split_offsets
+from ..solver.babai import HessianFactor
+from ..solver.entropy import EntropyResult, entropy_quantize
+from .huffman import DEFAULT_CHUNK, DEFAULT_MAX_LEN, coded_bits, decode_buffers, encode, huffman_lut, split_offsets
 from .kernel_ops import huffman_matmul, select_backend
+from .registry import QuantFormat, register_format
 
-__all__ = ["HuffmanLinear"]
+if TYPE_CHECKING:
+    from ..spec import QuantSpec
+
+__all__ = ["HPTQFormat", "HuffmanLinear"]
 
 _BUFFERS = ("stream", "offsets", "symbols", "lengths", "scale")
 
@@ -197,3 +209,48 @@ class HuffmanLinear(nn.Module):
             f"bpw={self.storage_bits() / (self.in_features * self.out_features):.3f}, chunk={self.chunk}, "
             f"max_len={self.max_len}, bias={self.bias is not None}"
         )
+
+
+@register_format
+class HPTQFormat(QuantFormat):
+    """``W = scale · Z``: one float16 scale per matrix, Huffman-coded codes; ``bits``/``group_size``/``sym`` and the
+    scale search do not apply."""
+
+    name = "hptq"
+    module = HuffmanLinear
+    primary = "stream"
+    own_settings = ("target_bpw",)
+    sized_by_data = True
+    no_export = (
+        "its entropy-coded codes are unbounded, and GPTQ checkpoints hold fixed-width codes on a clipped grid; "
+        "export a format='int' model instead"
+    )
+    kernel_ops = ("hf_babai::huffman_matmul", "hf_babai::huffman_decode")
+
+    def solve(self, w: Tensor, factor: HessianFactor, spec: QuantSpec, hessian: Callable[[], Tensor]) -> EntropyResult:
+        return entropy_quantize(w, factor, spec.target_bpw, code_bits=coded_bits, block_size=spec.block_size)
+
+    def round(self, w: Tensor, spec: QuantSpec) -> EntropyResult:
+        return entropy_quantize(w.float(), None, spec.target_bpw, code_bits=coded_bits)
+
+    def dense(self, solution: EntropyResult, spec: QuantSpec) -> Tensor:
+        return solution.codes.float() * solution.scale
+
+    def build(self, linear: nn.Linear, solution: EntropyResult, spec: QuantSpec) -> HuffmanLinear:
+        return HuffmanLinear.from_linear(linear, solution.codes, solution.scale)
+
+    def empty(self, in_features, out_features, spec, sizes, *, bias, dtype, device) -> HuffmanLinear:
+        return HuffmanLinear(in_features, out_features, **sizes, bias=bias, dtype=dtype, device=device)
+
+    def buffer_sizes(self, module: HuffmanLinear) -> dict[str, int]:
+        return module.buffer_sizes()
+
+    def describe(self, spec: QuantSpec) -> dict[str, Any]:
+        t = spec.target_bpw
+        return {
+            "format": f"hptq, entropy-coded codes, one scale per matrix, {t} bpw",
+            "headline": f"{t}-bpw entropy-coded (HPTQ)",
+            "layout": "entropy-coded integers, one float16 scale per matrix (no clipping)",
+            "tags": ["hptq"],
+            "card": {"format": self.name, "target_bpw": t},
+        }

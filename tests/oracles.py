@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import Grid, expand_per_column, zero_point
+from hf_babai.solver.grid import Grid, expand_per_column, zero_point
 
 
 def babai_reference(

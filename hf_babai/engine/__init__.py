@@ -1,0 +1,120 @@
+"""Layer-by-layer quantization of a causal LM: the lifecycle around the pure solver.
+
+One room per job: :mod:`.blocks` (finding and onloading decoder blocks, running them), :mod:`.hessians` (Hessian
+capture), :mod:`.policy` (damping, schedule choice, solving one layer), :mod:`.schedules` (one pass, two passes,
+round to nearest, as named objects with numbered steps) and :mod:`.report` (records, ``quant_log.csv``).
+:func:`quantize_model` is the short driver that ties them together.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import model_bits_per_weight
+from ..spec import QuantSpec
+from .blocks import (
+    capture_block_inputs,
+    execution_device,
+    find_blocks,
+    onload_block,
+    quantizable_linears,
+    release_freed_memory,
+    replace_module,
+    target_linears,
+)
+from .hessians import BlockHessians, capture_hessians
+from .policy import layer_damping, solve_layer, uses_one_pass
+from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
+from .schedules import BlockJob, OnePass, RoundToNearest, Schedule, TwoPass, run_schedule, schedule_for
+
+__all__ = [
+    "LAYER_TABLE_HEADER",
+    "BlockHessians",
+    "BlockJob",
+    "LayerRecord",
+    "OnePass",
+    "QuantSpec",
+    "RoundToNearest",
+    "Schedule",
+    "TwoPass",
+    "capture_block_inputs",
+    "capture_hessians",
+    "execution_device",
+    "find_blocks",
+    "layer_damping",
+    "model_bits_per_weight",
+    "onload_block",
+    "quantizable_linears",
+    "quantize_model",
+    "replace_module",
+    "solve_layer",
+    "target_linears",
+    "uses_one_pass",
+    "write_log",
+]
+
+log = logging.getLogger(__name__)
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    log_path: str | Path | None = None,
+    progress: bool = True,
+) -> list[LayerRecord]:
+    """Quantizes every target Linear of every decoder block in place; returns the per-layer records.
+
+    Args:
+        model: a causal LM (any transformers decoder).
+        spec: format, grid, method and solver settings.
+        input_ids: calibration token windows ``[n, T]`` (not needed for ``method="rtn"``).
+        attention_mask: optional ``[n, T]``; padded positions are left out of every Hessian.
+        batch_size: samples per forward (default ``spec.batch_size``; ``None``: all at once).
+        log_path: where to write the per-layer table (``quant_log.csv``).
+    """
+    blocks_name, blocks = find_blocks(model)
+    rtn = spec.method == "rtn"
+    if not rtn and input_ids is None:
+        raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
+    batch_size = spec.batch_size if batch_size is None else batch_size
+    n = 0 if input_ids is None else input_ids.shape[0]
+    bs = n if batch_size is None else batch_size
+    if spec.true_sequential and not rtn and bs < n:
+        raise ValueError(
+            f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
+            "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
+        )
+    schedule = schedule_for(spec, uses_one_pass(spec, n, batch_size))
+    inputs = [] if rtn else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
+    masks = [None] * len(inputs) if attention_mask is None else [attention_mask[i : i + bs] for i in range(0, n, bs)]
+    tokens = int(attention_mask.sum()) if attention_mask is not None else (0 if rtn else input_ids.numel())
+    log.info("schedule: %s per block", schedule.name)
+    records: list[LayerRecord] = []
+    total_loss = 0.0
+    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
+    for b in bar:
+        block = blocks[b]
+        onload_block(block)
+        linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
+        outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
+        del linears  # the float Linears: freed below with the block's Hessians and factors
+        if outputs is not None:
+            inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
+        for name, (shape, st) in stats.items():
+            total_loss += st.loss
+            records.append(LayerRecord(b, name, *shape, 0 if rtn else tokens, st.as_dict()))
+            log_layer(records[-1])
+        if not rtn:
+            bar.set_postfix(loss=f"{total_loss:.4g}")
+        release_freed_memory()
+    if log_path is not None:
+        write_log(records, log_path)
+    return records

@@ -1,0 +1,184 @@
+"""Finding the decoder blocks, bringing offloaded ones into memory, and running a block on cached inputs.
+
+Works on any transformers decoder stack without knowing its architecture: the block list is the largest
+``nn.ModuleList`` of identical modules that contain Linears, block-0 inputs are captured once with a forward
+pre-hook (with every keyword the model passes its blocks: rotary embeddings, masks), and each block then runs on
+those cached activations (kept on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import format_of
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are stored."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules holding the most Linears."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        n_lin = sum(isinstance(x, nn.Linear) for x in mod.modules())
+        if n_lin and (best is None or n_lin > best[0]):
+            best = (n_lin, name, mod)
+    if best is None:
+        raise ValueError(
+            "no decoder block list found: expected an nn.ModuleList of identical blocks containing nn.Linear "
+            "layers (e.g. model.model.layers)"
+        )
+    return best[1], best[2]
+
+
+def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") -> dict[str, nn.Linear]:
+    """Linears of a block to quantize, in module order (block-relative names), minus those whose full name
+    ``prefix + "." + name`` contains any ``skip`` substring."""
+    out = {}
+    for n, m in block.named_modules():
+        full = f"{prefix}.{n}" if prefix else n
+        if isinstance(m, nn.Linear) and format_of(m) is None and not any(s in full for s in skip):
+            out[n] = m
+    return out
+
+
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Every Linear the engine quantizes, by full module name: the Linears inside the decoder blocks minus the
+    ``skip`` substrings. Quantize-on-load and pre-quantized loading both use this one rule, so a checkpoint's
+    packed modules are exactly the ones its loader rebuilds."""
+    name, blocks = find_blocks(model)
+    return {
+        f"{name}.{i}.{n}": lin
+        for i, block in enumerate(blocks)
+        for n, lin in target_linears(block, skip, f"{name}.{i}").items()
+    }
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device if it dispatched the module, else the device
+    of its first non-meta tensor (meta tensors are disk- or CPU-offloaded weights), else CPU."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def onload_block(block: nn.Module) -> None:
+    """Materialises the accelerate-offloaded (CPU or disk) weights of ``block`` on its execution device and
+    removes those offload hooks, so the block can be quantized as a plain module. Blocks that are not offloaded
+    are left untouched; non-offloading hooks (which move inputs between devices) are kept.
+
+    The quantized block then stays resident at quantized size (packed buffers plus small norms), which is the
+    point of quantize-on-load: peak memory is about one float block plus the quantized model."""
+    for mod in list(block.modules()):
+        hook = getattr(mod, "_hf_hook", None)
+        if hook is None or not getattr(hook, "offload", False):
+            continue
+        from accelerate.hooks import remove_hook_from_module
+
+        hook.pre_forward(mod)  # loads the weights from the offload map onto the execution device
+        hook.offload = False  # so detaching does not send them back to meta
+        remove_hook_from_module(mod)
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    block: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    progress: bool = False,
+) -> list[tuple[torch.Tensor, dict]]:
+    """Runs the model up to block 0 per calibration batch and returns ``(hidden_states, kwargs)`` per batch
+    (hidden states on CPU; the kwargs such as rotary embeddings and the causal mask as given)."""
+    store: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        store.append((hidden.detach().cpu(), kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = execution_device(model)
+    try:
+        with torch.no_grad():
+            starts = range(0, input_ids.shape[0], batch_size)
+            for start in tqdm(starts, desc="calibration inputs", disable=not progress, leave=False):
+                batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
+                if attention_mask is not None:
+                    batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
+                with contextlib.suppress(_StopForward):
+                    model(**batch)
+    finally:
+        handle.remove()
+    return store
+
+
+def move_to(obj, device: torch.device):
+    """Tensors (also inside tuples/lists/dicts, e.g. rotary ``(cos, sin)``) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]], device: torch.device) -> list[torch.Tensor]:
+    """The block's output hidden states for each cached input (on CPU)."""
+    with torch.no_grad():
+        return [_hidden(block(h.to(device), **move_to(kw, device))).detach().cpu() for h, kw in inputs]
+
+
+def _hidden(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Sets the submodule ``name`` (dotted, relative to ``root``) to ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def release_freed_memory() -> None:
+    """Frees each block's float copies once it is quantized and returns the memory to the OS.
+
+    The replaced Linears of an accelerate-offloaded block sit in reference cycles (its hooks wrap ``forward``
+    in closures over the module), so they are only freed by the cycle collector: without ``gc.collect`` an
+    offloaded run keeps one float block per quantized block."""
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """``malloc_trim`` (glibc only): hands freed heap back to the OS. glibc keeps freed mid-sized chunks (its mmap
+    threshold grows to 32 MB as large tensors are freed), so the freed temporaries of one layer's solve would
+    otherwise still count against the process while the next, wider layer allocates its own; called after each
+    layer and each block (a few milliseconds)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass

@@ -1,0 +1,112 @@
+"""Hessian capture: accumulating ``H = (2/n) Σ XᵀX`` for the Linears of a block from their inputs.
+
+:class:`BlockHessians` is the bookkeeping the schedules use (siblings reading one tensor share one accumulator and
+one factorization; each is freed as soon as its users are solved). :func:`capture_hessians` is the same capture as
+one public call, for benchmarks and analysis scripts that need a block's Hessians without quantizing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..solver import HessianAccumulator, HessianFactor
+from ..spec import QuantSpec
+from .policy import factor_layer
+
+log = logging.getLogger(__name__)
+
+
+class BlockHessians:
+    """The accumulators of one block's Linears, and their factors."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.factors: dict[int, HessianFactor] = {}  # by id() of the accumulator they factor
+        self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
+
+    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, *, streaming: bool = False) -> None:
+        """Adds ``x`` to ``name``'s Hessian. Siblings called back to back on the very same tensor object
+        (``q/k/v``, ``gate/up``) share one accumulator; only the last input is remembered, by identity
+        (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs).
+
+        ``streaming`` (the one-pass schedule, where each Linear is solved in its own hook): a new input means
+        every user of the previous one is solved, so that Hessian and its factor are freed now rather than at
+        the end of the block (each is K² float64 words: ~200 MB for a 5k-wide down_proj)."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            self.acc.setdefault(name, last[2])
+            return
+        if streaming and last is not None:
+            self.release(last[2])
+        acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
+        m = mask if mask is not None and mask.shape == x.shape[:-1] else None
+        acc.add(x, m)
+        self._last = (x, x._version, acc)
+
+    def new_batch(self) -> None:
+        self._last = None
+
+    def release(self, acc: HessianAccumulator) -> None:
+        """Drops ``acc`` and its factor."""
+        self.factors.pop(id(acc), None)
+        for n in [n for n, a in self.acc.items() if a is acc]:
+            del self.acc[n]
+        if self._last is not None and self._last[2] is acc:
+            self._last = None
+
+    def release_if_done(self, name: str, solved: set[str] | dict) -> None:
+        """Frees ``name``'s Hessian once every Linear that shares it is in ``solved``."""
+        acc = self.acc.get(name)
+        if acc is not None and all(n in solved for n, a in self.acc.items() if a is acc):
+            self.release(acc)
+
+    def factor_of(self, name: str) -> Callable[[int], tuple[HessianFactor, Callable[[], torch.Tensor]]]:
+        """``in_features -> (factor, H)`` for ``name``, factoring a shared Hessian once."""
+
+        def factor(in_features: int) -> tuple[HessianFactor, Callable[[], torch.Tensor]]:
+            acc = self.acc.get(name)
+            if acc is None:
+                log.warning(
+                    "%s received no calibration tokens; its Hessian is empty and it is rounded to nearest", name
+                )
+                acc = HessianAccumulator(in_features)
+                return factor_layer(acc, self.spec), acc.finalize
+            f = self.factors.get(id(acc))
+            if f is None:
+                f = self.factors[id(acc)] = factor_layer(acc, self.spec)
+            return f, acc.finalize
+
+        return factor
+
+
+class _Stop(Exception):
+    """Raised once the block of interest has run: the rest of the model adds nothing to its Hessians."""
+
+
+def capture_hessians(
+    model: nn.Module, block: nn.Module, linears: dict[str, nn.Linear], input_ids: torch.Tensor, batch_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """``{name: H}`` (float64) for each of ``linears`` (Linears of ``block``) from ``model`` as it is, on
+    ``input_ids [n, T]``, ``batch_size`` windows per forward; each forward stops once ``block`` has run."""
+    accs = {n: HessianAccumulator(lin.in_features) for n, lin in linears.items()}
+
+    def stop(*_):
+        raise _Stop
+
+    hooks = [lin.register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach())) for n, lin in linears.items()]
+    hooks.append(block.register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            for i in range(0, input_ids.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids[i : i + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: acc.finalize() for n, acc in accs.items()}

@@ -1,0 +1,58 @@
+"""Per-layer and per-run decisions: how much to damp each Hessian, which schedule runs, and solving one layer.
+
+The scale rule is the format's own (``QuantFormat.default_scale_method`` and ``solve``); what is decided here is
+what every format shares. Why these rules, with the measurements behind them: ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats import get_format
+from ..solver import HessianFactor, factor_hessian, layer_damp
+from ..solver.hessian import HessianAccumulator
+from ..spec import QuantSpec
+from .blocks import trim_heap
+
+log = logging.getLogger(__name__)
+
+
+def layer_damping(in_features: int, tokens: int, spec: QuantSpec) -> float:
+    """The damping fraction of one layer: ``spec.damp``, raised for layers wide per calibration token."""
+    return layer_damp(in_features, tokens, spec.damp, spec.damp_width)
+
+
+def factor_layer(acc: HessianAccumulator, spec: QuantSpec) -> HessianFactor:
+    """Damps, orders and factors one accumulated Hessian."""
+    return factor_hessian(acc.finalize(), spec.order, layer_damping(acc.in_features, acc.n, spec))
+
+
+def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None) -> bool:
+    """Whether a block is quantized in one forward (each Linear solved in a pre-hook just before it runs) rather
+    than two (Hessians of the float block, then a propagation pass).
+
+    ``spec.true_sequential`` decides when set. Auto (``None``): one pass for formats that allow it at ≥ 3 bits
+    when every sample fits one forward (as good as two passes there, and one forward per block cheaper); two
+    passes otherwise (far better at 2 bits)."""
+    if spec.method == "rtn":
+        return False
+    if spec.true_sequential is not None:
+        return spec.true_sequential
+    whole = batch_size is None or batch_size >= n_samples
+    return get_format(spec.format).one_pass and spec.bits >= 3 and whole
+
+
+def solve_layer(
+    lin: nn.Linear, factor: Callable[[int], tuple[HessianFactor, Callable[[], torch.Tensor]]], spec: QuantSpec
+) -> Any:
+    """Solves one Linear into ``spec.format``; ``factor(in_features)`` gives its factored Hessian and ``H``."""
+    w = lin.weight.detach().float()
+    f, hessian = factor(w.shape[1])
+    solution = get_format(spec.format).solve(w, f, spec, hessian)
+    trim_heap()
+    return solution

@@ -1,0 +1,198 @@
+"""The schedules: how one onloaded block is calibrated, solved and propagated. Each is a named object with
+numbered steps; the driver (:func:`hf_babai.engine.quantize_model`) picks one per run and hands it every block.
+
+Both calibrated schedules propagate errors (each block sees the already-quantized model's outputs) and share a
+Hessian and its factor between Linears that read the same tensor (``q/k/v``, ``gate/up``). Which one is the
+default where, and why: :func:`hf_babai.engine.policy.uses_one_pass` and ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats import get_format
+from ..solver import LayerStats
+from ..spec import QuantSpec
+from .blocks import execution_device, move_to, replace_module, run_block
+from .hessians import BlockHessians
+from .policy import solve_layer
+
+log = logging.getLogger(__name__)
+
+BlockStats = dict[str, tuple[tuple[int, int], LayerStats]]
+
+
+@dataclass
+class BlockJob:
+    """One block to quantize: the block, its index, the Linears to quantize (block-relative names), the settings,
+    the cached inputs ``(hidden, kwargs)`` per calibration batch and the Hessian mask of each batch."""
+
+    block: nn.Module
+    index: int
+    linears: dict[str, nn.Linear]
+    spec: QuantSpec
+    inputs: list[tuple[torch.Tensor, dict]]
+    masks: list[torch.Tensor | None]
+
+    def stats(self, solutions: dict[str, Any]) -> BlockStats:
+        return {n: (tuple(lin.weight.shape), solutions[n].stats) for n, lin in self.linears.items()}
+
+    def swap_in(self, solutions: dict[str, Any]) -> None:
+        fmt = get_format(self.spec.format)
+        for name, lin in self.linears.items():
+            replace_module(self.block, name, fmt.build(lin, solutions[name], self.spec))
+
+
+class CalledTwice(Exception):
+    """A Linear ran twice in one block forward: the one-pass schedule cannot serve that block."""
+
+
+class Schedule:
+    """``run(job)`` quantizes ``job.block`` in place and returns the next block's inputs (``None``: unchanged)
+    and each Linear's ``(shape, stats)``."""
+
+    name: str = ""
+
+    def run(self, job: BlockJob) -> tuple[list[torch.Tensor] | None, BlockStats]:
+        raise NotImplementedError
+
+
+class RoundToNearest(Schedule):
+    """``method="rtn"``: no calibration data, nothing to propagate.
+
+    1. round every Linear to nearest in the format;
+    2. swap the quantized modules in."""
+
+    name = "round to nearest"
+
+    def run(self, job: BlockJob) -> tuple[None, BlockStats]:
+        fmt = get_format(job.spec.format)
+        solutions = {name: fmt.round(lin.weight.detach(), job.spec) for name, lin in job.linears.items()}  # 1
+        stats = job.stats(solutions)
+        job.swap_in(solutions)  # 2
+        return None, stats
+
+
+class TwoPass(Schedule):
+    """llm-compressor's sequential pipeline: every sub-layer's Hessian sees the block's float inputs.
+
+    1. one forward per calibration batch with the float weights, accumulating every Linear's Hessian;
+    2. solve each Linear, freeing a shared Hessian once all its users are solved;
+    3. swap the quantized modules in;
+    4. run the quantized block on every batch: its outputs are the next block's inputs."""
+
+    name = "two passes"
+
+    def run(self, job: BlockJob) -> tuple[list[torch.Tensor], BlockStats]:
+        device = execution_device(job.block)
+        hessians = BlockHessians(job.spec)
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def make_hook(name: str) -> Callable:
+            def hook(_mod: nn.Linear, args: tuple) -> None:
+                hessians.accumulate(name, args[0], current["mask"])
+
+            return hook
+
+        handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in job.linears.items()]
+        try:  # 1
+            with torch.no_grad():
+                for (h, kw), m in zip(job.inputs, job.masks, strict=True):
+                    hessians.new_batch()
+                    current["mask"] = m
+                    job.block(h.to(device), **move_to(kw, device))
+        finally:
+            for hd in handles:
+                hd.remove()
+        solutions: dict[str, Any] = {}
+        for name, lin in job.linears.items():  # 2
+            solutions[name] = solve_layer(lin, hessians.factor_of(name), job.spec)
+            hessians.release_if_done(name, solutions)
+        stats = job.stats(solutions)
+        job.swap_in(solutions)  # 3
+        return run_block(job.block, job.inputs, device), stats  # 4
+
+
+class OnePass(Schedule):
+    """GPTQ's "true sequential": one forward per block both calibrates and propagates, and downstream sub-layers
+    (``o_proj`` after ``q/k/v``, ``down_proj`` after ``gate/up``) get Hessians of already-quantized upstream
+    outputs. Needs the whole calibration set in one forward.
+
+    1. hook every Linear: just before it runs, add its input to its Hessian (freeing the previous input's Hessian,
+       whose users are all solved by then), solve it and run it on its dense quantized weight;
+    2. one forward of the block on all samples: its output is the next block's input;
+    3. after each Linear's own call, give it back its float weight (a dense copy per Linear would add a float
+       block);
+    4. solve the Linears the forward never reached (e.g. an unused expert);
+    5. swap the quantized modules in.
+
+    A Linear that runs twice in one forward raises :class:`CalledTwice` with every float weight restored; the
+    driver then runs :class:`TwoPass` on that block."""
+
+    name = "one pass"
+
+    def run(self, job: BlockJob) -> tuple[list[torch.Tensor], BlockStats]:
+        device = execution_device(job.block)
+        hessians = BlockHessians(job.spec)
+        fmt = get_format(job.spec.format)
+        solutions: dict[str, Any] = {}
+        originals: dict[str, torch.Tensor] = {}
+        mask = job.masks[0]
+
+        def make_hooks(name: str) -> tuple[Callable, Callable]:
+            def quantize(mod: nn.Linear, args: tuple) -> None:  # 1
+                if name in solutions:
+                    raise CalledTwice(name)
+                hessians.accumulate(name, args[0], mask, streaming=True)
+                solutions[name] = solve_layer(mod, hessians.factor_of(name), job.spec)
+                originals[name] = mod.weight.data
+                mod.weight.data = fmt.dense(solutions[name], job.spec).to(mod.weight.dtype)
+
+            def restore(mod: nn.Linear, _args: tuple, _out: torch.Tensor) -> None:  # 3
+                mod.weight.data = originals[name]
+
+            return quantize, restore
+
+        handles = []
+        for name, lin in job.linears.items():
+            pre, post = make_hooks(name)
+            handles += [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post)]
+        try:
+            out = run_block(job.block, job.inputs[:1], device)  # 2
+        except CalledTwice:
+            for name, w in originals.items():
+                job.linears[name].weight.data = w
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        for name, lin in job.linears.items():  # 4
+            if name not in solutions:
+                solutions[name] = solve_layer(lin, hessians.factor_of(name), job.spec)
+        stats = job.stats(solutions)
+        job.swap_in(solutions)  # 5
+        return out, stats
+
+
+def run_schedule(schedule: Schedule, job: BlockJob) -> tuple[list[torch.Tensor] | None, BlockStats]:
+    """``schedule.run(job)``, falling back to :class:`TwoPass` for a block whose Linear runs twice per forward.
+
+    A function of its own so that everything a block's solve built (Hessians, factors: ~200 MB each for a 5k-wide
+    layer) is unreachable once it returns, before the driver frees memory."""
+    try:
+        return schedule.run(job)
+    except CalledTwice as e:
+        log.warning("block %d: %s runs twice per forward; this block uses the two-pass schedule", job.index, e)
+        return TwoPass().run(job)
+
+
+def schedule_for(spec: QuantSpec, one_pass: bool) -> Schedule:
+    if spec.method == "rtn":
+        return RoundToNearest()
+    return OnePass() if one_pass else TwoPass()
