@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): set up, then lint, build the docs strictly and run every default test.
+#   scripts/test.sh [--latest] [pytest args...]    --latest: against the newest releases (.venv-latest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+if [[ "${1:-}" == "--latest" ]]; then
+    shift
+    bash scripts/setup.sh --latest
+    VENV=.venv-latest
+else
+    bash scripts/setup.sh
+fi
+"$VENV/bin/ruff" check .
+SITE="$(mktemp -d)"
+trap 'rm -rf "$SITE"' EXIT
+"$VENV/bin/mkdocs" build --strict --quiet --site-dir "$SITE"
+"$VENV/bin/python" -m pytest -q --durations=15 "$@"
