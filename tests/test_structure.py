@@ -228,3 +228,26 @@ def test_the_packaged_texts_are_checked_when_read(monkeypatch, tmp_path):
     finally:
         data.calibration_text.cache_clear()
 
+
+# ------------------------------------------------------------------ README and docs
+
+
+def test_readme_is_one_screen_without_run_histories():
+    """The README says what hf_babai is, how to install and run it, a short results table and links; measurements,
+    designs and histories live in docs/ and bench/results/."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 85
+    assert not re.search(r"\bcommit\s+[0-9a-f]{7,40}\b", text), "no commit hashes in the README"
+    for command in ("bash scripts/setup.sh && .venv/bin/hf-babai demo", "bash scripts/test.sh"):
+        assert command in text
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
+
+
+def test_every_setting_is_documented_with_its_default():
+    from hf_babai.spec import settings
+
+    usage = (ROOT / "docs" / "usage.md").read_text()
+    missing = [name for name in settings() if f"| `{name}` |" not in usage]
+    assert not missing, f"docs/usage.md's settings table lacks {missing}"
