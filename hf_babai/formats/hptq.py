@@ -242,9 +242,6 @@ class HPTQFormat(QuantFormat):
     def empty(self, in_features, out_features, spec, sizes, *, bias, dtype, device) -> HuffmanLinear:
         return HuffmanLinear(in_features, out_features, **sizes, bias=bias, dtype=dtype, device=device)
 
-    def buffer_sizes(self, module: HuffmanLinear) -> dict[str, int]:
-        return module.buffer_sizes()
-
     def describe(self, spec: QuantSpec) -> dict[str, Any]:
         t = spec.target_bpw
         return {

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .packing import bits_per_weight
+
 if TYPE_CHECKING:  # the spec imports this module, never the other way round at run time
     from ..solver.babai import HessianFactor
     from ..spec import QuantSpec
@@ -84,8 +86,9 @@ class QuantFormat:
         raise NotImplementedError
 
     def buffer_sizes(self, module: nn.Module) -> dict[str, int]:
-        """What a loader must know, beyond the settings, to allocate ``module`` (only ``sized_by_data`` formats)."""
-        return {}
+        """What a loader must know, beyond the settings, to allocate ``module``: for ``sized_by_data`` formats the
+        module's own ``buffer_sizes()``, the keyword arguments :meth:`empty` gets back as ``sizes``."""
+        return module.buffer_sizes() if self.sized_by_data else {}
 
     def tensors(self, module: nn.Module) -> TensorSpecs:
         """``{name: (shape, dtype)}`` of every tensor the module stores for its weight (bias excluded)."""
@@ -93,8 +96,7 @@ class QuantFormat:
 
     def bits_per_weight(self, module: nn.Module) -> float:
         """True storage cost: every stored bit of the weight (codes, scales, zero points, tables, padding)."""
-        bits = sum(_numel(shape) * dtype.itemsize * 8 for shape, dtype in self.tensors(module).values())
-        return bits / (module.in_features * module.out_features)
+        return bits_per_weight(module.packed_buffers(), module.in_features, module.out_features)
 
     def dequantize(self, module: nn.Module, dtype: torch.dtype) -> Tensor:
         return module.dequantize(dtype)
@@ -109,13 +111,6 @@ class QuantFormat:
     def export_tensors(self, target: str, module: nn.Module) -> dict[str, Tensor]:
         """The tensors of ``module`` in checkpoint format ``target`` (one of :attr:`exports`)."""
         raise ValueError(f"format={self.name!r} cannot be exported to {target!r}: {self.no_export}")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 _REGISTRY: dict[str, QuantFormat] = {}

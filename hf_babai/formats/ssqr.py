@@ -180,9 +180,6 @@ class SSQRFormat(QuantFormat):
         shape = (in_features, out_features, spec.bits, spec.group_size, spec.sym)
         return SSQRLinear(*shape, **sizes, bias=bias, dtype=dtype, device=device)
 
-    def buffer_sizes(self, module: SSQRLinear) -> dict[str, int]:
-        return module.buffer_sizes()
-
     def describe(self, spec: QuantSpec) -> dict[str, Any]:
         sym = "symmetric" if spec.sym else "asymmetric"
         rate = spec.outlier_rate

@@ -94,11 +94,6 @@ class BabaiConfig(QuantizationConfigMixin):
         """The validated settings of this config (what the engine runs)."""
         return _spec({name: getattr(self, name) for name in settings()})
 
-    @property
-    def skip(self) -> tuple[str, ...]:
-        """Module-name substrings left in full precision."""
-        return self.spec().skip
-
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """transformers' ``update``, then the same validation as construction."""
         unused = super().update(**kwargs)
