@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .spec import setting_kind, settings
+from .spec import defaults, setting_kind, settings
 
 DEFAULTS = {"model": "smollm2-135m", "calib": 32, "calib_seqlen": 512, "seqlen": 2048, "windows": 4}
 EVAL_FIELDS = ("task_type", "dataset_type", "dataset_name", "metric_type", "metric_value", "source_name", "source_url")
@@ -272,6 +272,8 @@ def add_setting(parser: argparse.ArgumentParser, name: str, **overrides) -> None
     kw.update(overrides)
     if kw["default"] is not None:
         kw["help"] += " (default: %(default)s)"
+    elif defaults()[name] is not None:
+        kw["help"] += f" (default: {defaults()[name]:g})" if kind == "float" else f" (default: {defaults()[name]})"
     parser.add_argument(s.cli or "--" + name.replace("_", "-"), **kw)
 
 
