@@ -200,23 +200,21 @@ def test_memory_of_a_block_is_freed_as_soon_as_it_is_done(monkeypatch):
         init(self, spec)
         hessians.append(weakref.ref(self))
 
-    def spy(lin, factor, spec):
-        res = solve(lin, factor, spec)
+    def spy(name, lin, block_hessians):
+        res = solve(name, lin, block_hessians)
         dense = [other for other, ptr in float_ptrs.items() if other is not lin and other.weight.data_ptr() != ptr]
         assert not dense, f"{len(dense)} Linears still hold their dense quantized copy while another is solved"
         h = hessians[-1]()
-        name = next(n for n, m in current[0].named_modules() if m is lin)
+        assert h is block_hessians
         alive.append((name.rsplit(".", 1)[-1], len(h.factors), len({id(a) for a in h.acc.values()})))
         return res
 
-    current: list[nn.Module] = [None]
     onload = engine.onload_block
 
     def check_onload(block):
         gc.collect()  # cycles aside, the previous block's Hessians and factors must be unreachable here
         assert all(h() is None for h in hessians), "a finished block's Hessians and factors are still referenced"
         onload(block)
-        current[0] = block
         float_ptrs.clear()
         float_ptrs.update({m: m.weight.data_ptr() for m in block.modules() if isinstance(m, nn.Linear)})
 

@@ -155,7 +155,7 @@ def _solve_one(w: torch.Tensor, x: torch.Tensor, **spec):
     lin.weight.data = w.clone()
     hessians = BlockHessians(QuantSpec(**spec))
     hessians.accumulate("l", x, None)
-    return solve_layer(lin, hessians.factor_of("l"), hessians.spec)
+    return solve_layer("l", lin, hessians)
 
 
 @pytest.mark.parametrize("group", [-1, 32])

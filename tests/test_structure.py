@@ -134,7 +134,7 @@ def _sources() -> list[tuple[str, Path, str]]:
     out = []
     for f in sorted(PACKAGE.rglob("*.py")):
         parts = f.relative_to(ROOT).with_suffix("").parts  # ("hf_babai", "engine", "blocks")
-        package = ".".join(parts if f.name == "__init__.py" else parts[:-1]).removesuffix(".__init__")
+        package = ".".join(parts[:-1])
         room = parts[1] if len(parts) > 2 else parts[-1]
         out.append((room, f, package))
     return out

@@ -66,23 +66,17 @@ class BlockHessians:
         if acc is not None and all(n in solved for n, a in self.acc.items() if a is acc):
             self.release(acc)
 
-    def factor_of(self, name: str) -> Callable[[int], tuple[HessianFactor, Callable[[], torch.Tensor]]]:
-        """``in_features -> (factor, H)`` for ``name``, factoring a shared Hessian once."""
-
-        def factor(in_features: int) -> tuple[HessianFactor, Callable[[], torch.Tensor]]:
-            acc = self.acc.get(name)
-            if acc is None:
-                log.warning(
-                    "%s received no calibration tokens; its Hessian is empty and it is rounded to nearest", name
-                )
-                acc = HessianAccumulator(in_features)
-                return factor_layer(acc, self.spec), acc.finalize
-            f = self.factors.get(id(acc))
-            if f is None:
-                f = self.factors[id(acc)] = factor_layer(acc, self.spec)
-            return f, acc.finalize
-
-        return factor
+    def factor(self, name: str, in_features: int) -> tuple[HessianFactor, Callable[[], torch.Tensor]]:
+        """``(factor, H)`` for ``name``, factoring a Hessian its siblings share only once."""
+        acc = self.acc.get(name)
+        if acc is None:
+            log.warning("%s received no calibration tokens; its Hessian is empty and it is rounded to nearest", name)
+            acc = HessianAccumulator(in_features)
+            return factor_layer(acc, self.spec), acc.finalize
+        f = self.factors.get(id(acc))
+        if f is None:
+            f = self.factors[id(acc)] = factor_layer(acc, self.spec)
+        return f, acc.finalize
 
 
 class _Stop(Exception):

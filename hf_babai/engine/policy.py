@@ -7,10 +7,8 @@ what every format shares. Why these rules, with the measurements behind them: ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from ..formats import get_format
@@ -18,6 +16,9 @@ from ..solver import HessianFactor, factor_hessian, layer_damp
 from ..solver.hessian import HessianAccumulator
 from ..spec import QuantSpec
 from .blocks import trim_heap
+
+if TYPE_CHECKING:  # hessians imports this module for the damping rule
+    from .hessians import BlockHessians
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,11 @@ def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None
     return get_format(spec.format).one_pass and spec.bits >= 3 and whole
 
 
-def solve_layer(
-    lin: nn.Linear, factor: Callable[[int], tuple[HessianFactor, Callable[[], torch.Tensor]]], spec: QuantSpec
-) -> Any:
-    """Solves one Linear into ``spec.format``; ``factor(in_features)`` gives its factored Hessian and ``H``."""
+def solve_layer(name: str, lin: nn.Linear, hessians: BlockHessians) -> Any:
+    """Solves the Linear ``name`` of a block into its format, with the block's Hessian of its input."""
+    spec = hessians.spec
     w = lin.weight.detach().float()
-    f, hessian = factor(w.shape[1])
-    solution = get_format(spec.format).solve(w, f, spec, hessian)
+    factor, hessian = hessians.factor(name, w.shape[1])
+    solution = get_format(spec.format).solve(w, factor, spec, hessian)
     trim_heap()
     return solution

@@ -112,7 +112,7 @@ class TwoPass(Schedule):
                 hd.remove()
         solutions: dict[str, Any] = {}
         for name, lin in job.linears.items():  # 2
-            solutions[name] = solve_layer(lin, hessians.factor_of(name), job.spec)
+            solutions[name] = solve_layer(name, lin, hessians)
             hessians.release_if_done(name, solutions)
         stats = job.stats(solutions)
         job.swap_in(solutions)  # 3
@@ -150,7 +150,7 @@ class OnePass(Schedule):
                 if name in solutions:
                     raise CalledTwice(name)
                 hessians.accumulate(name, args[0], mask, streaming=True)
-                solutions[name] = solve_layer(mod, hessians.factor_of(name), job.spec)
+                solutions[name] = solve_layer(name, mod, hessians)
                 originals[name] = mod.weight.data
                 mod.weight.data = fmt.dense(solutions[name], job.spec).to(mod.weight.dtype)
 
@@ -174,7 +174,7 @@ class OnePass(Schedule):
                 h.remove()
         for name, lin in job.linears.items():  # 4
             if name not in solutions:
-                solutions[name] = solve_layer(lin, hessians.factor_of(name), job.spec)
+                solutions[name] = solve_layer(name, lin, hessians)
         stats = job.stats(solutions)
         job.swap_in(solutions)  # 5
         return out, stats

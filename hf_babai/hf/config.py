@@ -23,7 +23,7 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats import format_names, get_format
-from ..spec import QuantSpec, invalid, settings
+from ..spec import QuantSpec, defaults, invalid, settings
 
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
@@ -62,8 +62,7 @@ class BabaiConfig(QuantizationConfigMixin):
         if unknown:
             raise ValueError(f"BabaiConfig got unknown fields {unknown}; allowed: {', '.join([*settings(), *_EXTRA])}")
         self.quant_method = QUANT_METHOD
-        # the defaults are resolved here (scale_method), so config.json records what was used
-        self.__dict__.update(_spec(fields).to_dict())
+        self.__dict__.update({**defaults(), **fields})
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.calibration = calibration
@@ -73,8 +72,9 @@ class BabaiConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validates every field (the settings through ``QuantSpec``); the message names the field, the value and
-        what is allowed."""
-        self.spec()
+        what is allowed. The settings' defaults are resolved here (``scale_method``), so ``config.json`` records
+        what was used."""
+        self.__dict__.update(self.spec().to_dict())
         if self.format_version != FORMAT_VERSION:
             raise _error(invalid("format_version", self.format_version, "upgrade hf_babai to read this checkpoint"))
         sized = [f for f in format_names() if get_format(f).sized_by_data]
