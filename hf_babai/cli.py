@@ -1,4 +1,4 @@
-"""Command line ``hf-babai``: ``demo`` (the README's main job), ``quantize``, ``info``, ``publish``, ``eval``.
+"""Command line ``hf-babai``: ``demo`` (the README's job), ``quantize``, ``export``, ``info``, ``publish``, ``eval``.
 
 Exit codes: 0 success, 1 bad input or a failed run (the message says what and how to fix it), 2 usage errors.
 The quantization options are generated from :mod:`hf_babai.spec` (names, types, choices, help), so the command
@@ -149,9 +149,10 @@ def _quantize(args: argparse.Namespace) -> int:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     hf_babai.write_quant_log(model, out / "quant_log.csv")
-    if args.export_gptq:
-        hf_babai.export(model, args.export_gptq)
-        tok.save_pretrained(args.export_gptq)
+    for folder, target in ((args.export, "compressed-tensors"), (args.export_gptq, "gptq")):
+        if folder:
+            hf_babai.export(model, folder, target)
+            tok.save_pretrained(folder)
     records = hf_babai.hf.quant_log_records(model)
     loss = sum(float(r.stats["loss"]) for r in records)
     bound = sum(float(r.stats["bound"]) for r in records)
@@ -184,10 +185,46 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import warnings
+
+    import torch
+
+    import hf_babai
+    from hf_babai.hf.export import export_report
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    scale_dtype = None if args.scale_dtype == "auto" else getattr(torch, args.scale_dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_babai.export(args.source, out, args.format, scale_dtype=scale_dtype)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(f"exported {args.source} to {out} ({args.format})")
+    for line in export_report(out):
+        print(f"  {line}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
-    from hf_babai.hf.summary import checkpoint_summary
+    from hf_babai.hf.summary import checkpoint_summary, exported_summary, read_config
 
     path = Path(args.checkpoint)
+    method = (read_config(path).get("quantization_config") or {}).get("quant_method")
+    if method in ("compressed-tensors", "gptq"):
+        info = exported_summary(path)
+        info["size_mb"] = round(info.pop("size_bytes") / 2**20, 1)
+        serving = info.pop("serving")
+        if args.json:
+            print(json.dumps({**info, "serving": serving}, indent=2))
+        else:
+            for k, v in info.items():
+                print(f"{k:>18}: {v}")
+            for i, line in enumerate(serving):
+                print(f"{'serving' if i == 0 else '':>18}: {line}")
+        return 0
     summary = checkpoint_summary(path)
     info = {k: summary[k] for k in ("checkpoint", "architecture", "format", "method", "order", "quantized_layers")}
     info["bits_per_weight"] = summary["bits_per_weight"]
@@ -197,11 +234,13 @@ def _info(args: argparse.Namespace) -> int:
     if summary["layer_stats"] is not None:
         info["layer_stats"] = summary["layer_stats"]
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "serving": summary["serving"]}, indent=2))
     else:
         for k, v in info.items():
             print(f"{k:>18}: {v}")
         print(f"{'load with':>18}: import hf_babai; AutoModelForCausalLM.from_pretrained({str(path)!r})")
+        for i, line in enumerate(summary["serving"]):
+            print(f"{'serving' if i == 0 else '':>18}: {line}")
     return 0
 
 
@@ -311,12 +350,25 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
     q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")
     q.add_argument("--max-memory", nargs="*", default=None, help="e.g. cpu=2GiB 0=20GiB")
+    q.add_argument("--export", default=None, help="also write a compressed-tensors checkpoint (vLLM) to this folder")
     q.add_argument("--export-gptq", default=None, help="also write a GPTQ v1 checkpoint to this folder")
     q.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
     q.add_argument("--json", action="store_true", help="also print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no per-layer table")
 
-    i = sub.add_parser("info", help="describe and check a babai checkpoint without loading its weights")
+    ex = sub.add_parser("export", help="write a babai checkpoint as compressed-tensors (vLLM, SGLang) or GPTQ v1")
+    ex.add_argument("source", help="babai checkpoint folder")
+    ex.add_argument("out", help="output folder (new or empty)")
+    ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gptq"])
+    ex.add_argument(
+        "--scale-dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="compressed-tensors scales: auto = the model's dtype when exact, else float16",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
+
+    i = sub.add_parser("info", help="describe and check a checkpoint (babai or exported) without loading weights")
     i.add_argument("checkpoint", help="checkpoint folder")
     i.add_argument("--json", action="store_true")
 
@@ -339,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"demo": _demo, "quantize": _quantize, "info": _info, "publish": _publish, "eval": _eval}
+    commands = {
+        "demo": _demo,
+        "quantize": _quantize,
+        "export": _export,
+        "info": _info,
+        "publish": _publish,
+        "eval": _eval,
+    }
     try:
         return commands[args.command](args)
     except (CliError, ValueError, OSError) as e:

@@ -177,7 +177,7 @@ def test_gptq_export_of_real_model_is_lossless(real, tmp_path):
 
     from hf_babai.formats.gptq import unpack_stream
 
-    out = hf_babai.export(real["tmp"] / "inmem", tmp_path / "gptq")
+    out = hf_babai.export(real["tmp"] / "inmem", tmp_path / "gptq", "gptq")
     mod = real["model"].model.layers[5].mlp.down_proj
     with safe_open(out / "model.safetensors", "pt") as f:
         qweight, qzeros = (

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): set up, then lint, build the docs strictly and run every default test.
+# The test command (README, .ci/run): set up (the package, then the real loaders and llm-compressor that check the
+# exports, each in its own environment), then lint, build the docs strictly and run every default test.
 #   scripts/test.sh [--latest] [pytest args...]    --latest: against the newest releases (.venv-latest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ if [[ "${1:-}" == "--latest" ]]; then
 else
     bash scripts/setup.sh
 fi
+bash scripts/setup_loaders.sh
+bash scripts/setup_peer.sh
 "$VENV/bin/ruff" check .
 SITE="$(mktemp -d)"
 trap 'rm -rf "$SITE"' EXIT

@@ -279,7 +279,7 @@ def _gptq_v1_dequant(path: Path, prefix: str, bits: int) -> np.ndarray:
 def test_gptq_export_matches_babai_weights(tiny, tmp_path, bits, sym):
     cfg = BabaiConfig(bits=bits, group_size=32, sym=sym, dataset=IDS)
     model = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=cfg, dtype=torch.float32)
-    out = hf_babai.export(model, tmp_path / "gptq")
+    out = hf_babai.export(model, tmp_path / "gptq", "gptq")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["checkpoint_format"] == "gptq"
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"):

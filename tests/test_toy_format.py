@@ -119,7 +119,7 @@ def test_a_registered_format_quantizes_saves_reloads_and_is_described(toy8, tiny
     q = checkpoint_summary(tmp_path / "q")
     assert q["headline"] == "8-bit toy" and q["quantized_layers"] == 28 and q["tags"] == ["toy8"]
     with pytest.raises(ValueError, match="format='toy8' models cannot be exported to 'gptq'"):
-        hf_babai.export(again, tmp_path / "gptq")
+        hf_babai.export(again, tmp_path / "gptq", "gptq")
     dense = again.dequantize()
     assert not any(isinstance(m, Toy8Linear) for m in dense.modules())
     # method="rtn" runs the format's own round to nearest, with no data

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..solver.babai import HessianFactor, LayerStats, QuantResult, babai_quantize
 from ..solver.grid import compute_scales, count_clipped, dequantize, rtn_quantize
 from ..solver.refine import refine_result
+from .compressed_tensors import ct_tensors
 from .gptq import gptq_tensors
 from .kernel_ops import dense_matmul, select_backend
 from .packing import bit_planes, dequantize_packed, pack_weight, packed_buffer_specs
@@ -220,7 +221,7 @@ class IntFormat(QuantFormat):
     own_settings = ("rescale", "refine_sweeps")
     scale_methods = ("mse", "hmse", "minmax", "auto")
     one_pass = True
-    exports = ("gptq",)
+    exports = ("compressed-tensors", "gptq")
     kernel_ops = ("hf_babai::dense_matmul", "hf_babai::dense_dequantize")
 
     def check(self, spec: QuantSpec) -> None:
@@ -284,8 +285,18 @@ class IntFormat(QuantFormat):
             "card": {"format": self.name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym},
         }
 
-    def export_tensors(self, target: str, module: nn.Module) -> dict[str, Tensor]:
-        if target != "gptq":
-            return super().export_tensors(target, module)
+    def export_tensors(
+        self,
+        target: str,
+        module: nn.Module,
+        *,
+        scale_dtype: torch.dtype = torch.float16,
+        stored_group: int | None = None,
+    ) -> dict[str, Tensor]:
         m = module
-        return gptq_tensors(m.packed_buffers(), m.bits, m.group_size, m.sym, m.in_features, m.out_features)
+        shape = (m.in_features, m.out_features)
+        if target == "gptq":
+            return gptq_tensors(m.packed_buffers(), m.bits, m.group_size, m.sym, *shape)
+        if target == "compressed-tensors":
+            return ct_tensors(m.packed_buffers(), m.bits, m.group_size, *shape, scale_dtype, stored_group)
+        return super().export_tensors(target, module, scale_dtype=scale_dtype, stored_group=stored_group)

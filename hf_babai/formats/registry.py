@@ -108,8 +108,16 @@ class QuantFormat:
         ``quantization`` fields)."""
         raise NotImplementedError
 
-    def export_tensors(self, target: str, module: nn.Module) -> dict[str, Tensor]:
-        """The tensors of ``module`` in checkpoint format ``target`` (one of :attr:`exports`)."""
+    def export_tensors(
+        self,
+        target: str,
+        module: nn.Module,
+        *,
+        scale_dtype: torch.dtype = torch.float16,
+        stored_group: int | None = None,
+    ) -> dict[str, Tensor]:
+        """The tensors of ``module`` in checkpoint format ``target`` (one of :attr:`exports`); ``scale_dtype`` and
+        ``stored_group`` (the group size written) where the target lets the writer choose them."""
         raise ValueError(f"format={self.name!r} cannot be exported to {target!r}: {self.no_export}")
 
 

@@ -1,24 +1,48 @@
-"""``hf_babai.export``: write a babai model in a checkpoint format other tools load unchanged.
+"""``hf_babai.export``: write a babai model in a checkpoint format that serving engines load unchanged.
 
-The model's format says what it converts to losslessly (``QuantFormat.exports``) and gives each module's tensors.
-Today that is GPTQ v1 for the ``int`` format: Babai codes on a clipped grid are ordinary GPTQ codes (same grid,
-same scales, natural column order), so every quantized module becomes ``qweight/qzeros/scales/g_idx`` (+ ``bias``),
-everything else is saved as is, and ``config.json`` gets a GPTQ ``quantization_config`` (``quant_method: "gptq"``,
-``checkpoint_format: "gptq"``, ``desc_act: false``).
+Two targets, both lossless for the ``int`` format (each format declares what it converts to in
+``QuantFormat.exports`` and gives each module's tensors):
+
+* ``"compressed-tensors"`` (default): ``pack-quantized`` weight-only int, what llm-compressor writes and vLLM,
+  SGLang and transformers (with the ``compressed-tensors`` package) load. One config group targets every
+  ``Linear``; the Linears left in float are listed under ``ignore``. A layer whose last group is partial is
+  written at a smaller group size with repeated scales (see :mod:`hf_babai.formats.compressed_tensors`).
+* ``"gptq"``: GPTQ v1 (``qweight/qzeros/scales/g_idx``), for tools that read only GPTQ.
+
+Babai's act-order and min-pivot orders only steer calibration: codes are stored in natural column order, so
+neither target carries a ``g_idx`` permutation (``actorder: null`` / ``desc_act: false``).
+
+Scales: babai scales are float16 values. compressed-tensors writes them in the model's dtype, which every loader
+also computes in; when the model is bfloat16 and a scale is not exactly a bfloat16 value they are written as
+float16 and a warning says what rounds where (``docs/serving.md``). After writing, the servability report of
+:mod:`hf_babai.hf.serving` is checked: a combination no engine serves by default warns and names one that does.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from ..formats import quantized_modules
+from ..formats.compressed_tensors import stored_group_size
+from .serving import default_path_serves, describe_checkpoint, format_report, servability
+
+__all__ = ["CT_VERSION", "EXPORT_FORMATS", "export", "export_report"]
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("compressed-tensors", "gptq")
+CT_VERSION = "0.17.0"  # the compressed-tensors release vLLM 0.34 pins; the config is also read by the newest
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,21 +56,34 @@ TOKENIZER_FILES = (
 )
 
 
-def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: str = "gptq") -> Path:
+def export(
+    model_or_dir: nn.Module | str | Path,
+    out_dir: str | Path,
+    format: str = "compressed-tensors",
+    *,
+    scale_dtype: torch.dtype | None = None,
+) -> Path:
     """Writes ``out_dir`` (``config.json``, ``model.safetensors``, tokenizer files when given a folder).
 
     Args:
         model_or_dir: a quantized model in memory, or a babai checkpoint folder.
-        out_dir: destination folder (created).
-        format: ``"gptq"`` (GPTQ v1), the only export format.
+        out_dir: destination folder (created); it may not be the source folder.
+        format: ``"compressed-tensors"`` (default) or ``"gptq"`` (GPTQ v1).
+        scale_dtype: compressed-tensors only: the dtype of the written scales. Default: the model's dtype when
+            it holds every scale exactly, else ``torch.float16`` (with a warning).
     """
-    if format != "gptq":
-        raise ValueError(f"export format {format!r} is not supported; use 'gptq'")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format={format!r} is not supported; use one of {EXPORT_FORMATS}")
+    if scale_dtype is not None and format != "compressed-tensors":
+        raise ValueError("scale_dtype applies to compressed-tensors exports only (GPTQ v1 stores float16 scales)")
+    out = Path(out_dir)
     src_dir = None
     if isinstance(model_or_dir, (str, Path)):
         from transformers import AutoModelForCausalLM
 
         src_dir = Path(model_or_dir)
+        if out.resolve() == src_dir.resolve():
+            raise ValueError(f"export into the source folder {src_dir} would overwrite it; choose another folder")
         model = AutoModelForCausalLM.from_pretrained(src_dir)
     else:
         model = model_or_dir
@@ -59,14 +96,33 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
     mods = {n: m for n, m, _ in found}
     kinds = {(m.bits, m.group_size, m.sym) for m in mods.values()}
     if len(kinds) != 1:
-        raise ValueError(
-            f"GPTQ checkpoints have one bits/group_size/sym for all layers; this model mixes {sorted(kinds)}"
-        )
+        raise ValueError(f"{format} checkpoints have one bits/group_size/sym for all layers; this model mixes {kinds}")
     bits, group_size, sym = kinds.pop()
+    babai = getattr(model.config, "quantization_config", None)
+    babai = babai.to_dict() if hasattr(babai, "to_dict") else dict(babai or {})
+
+    options: dict[str, Any] = {}
+    if format == "compressed-tensors":
+        stored = (
+            -1 if group_size == -1 else math.gcd(*(stored_group_size(m.in_features, group_size) for m in mods.values()))
+        )
+        if stored not in (-1, group_size):
+            log.warning(
+                "group_size=%d is written as group_size=%d with repeated scales (same weights): compressed-tensors "
+                "needs whole groups and in_features %s are not multiples of %d",
+                group_size,
+                stored,
+                sorted({m.in_features for m in mods.values() if m.in_features % group_size}),
+                group_size,
+            )
+        options = {"stored_group": stored, "scale_dtype": _scale_dtype(mods, scale_dtype)}
+        qcfg = _ct_config(model, bits, sym, stored, babai)
+    else:
+        qcfg = _gptq_config(bits, group_size, sym, babai)
 
     state: dict[str, torch.Tensor] = {}
     for name, mod, fmt in found:
-        for k, t in fmt.export_tensors(format, mod).items():
+        for k, t in fmt.export_tensors(format, mod, **options).items():
             state[f"{name}.{k}"] = t
         if mod.bias is not None:
             state[f"{name}.bias"] = mod.bias.detach()
@@ -79,13 +135,107 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
             raise ValueError(f"{key} is offloaded (meta); load the model without disk offload before exporting")
         state[key] = t.detach()
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = copy.deepcopy(model.config)
-    babai = getattr(cfg, "quantization_config", None)
-    babai = babai.to_dict() if hasattr(babai, "to_dict") else dict(babai or {})
-    cfg.quantization_config = {
+    cfg.quantization_config = qcfg
+    cfg.save_pretrained(out)
+    if src_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (src_dir / f).exists():
+                shutil.copy(src_dir / f, out / f)
+    if format == "gptq":
+        (out / "quantize_config.json").write_text(
+            json.dumps({k: qcfg[k] for k in ("bits", "group_size", "sym", "desc_act")}, indent=2)
+        )
+    in_features = {n: m.in_features for n, m in mods.items()}
+    verdicts = servability(describe_checkpoint(qcfg, in_features))
+    if not default_path_serves(verdicts, "vLLM"):
+        better = "compressed-tensors" if format == "gptq" else "a 4-bit symmetric compressed-tensors export"
+        warnings.warn(
+            f"no serving engine loads this {format} checkpoint by default ("
+            + "; ".join(format_report(verdicts))
+            + f"). Export to {better} to serve it with vLLM's default kernels.",
+            stacklevel=2,
+        )
+    return out
+
+
+def export_report(checkpoint: str | Path) -> list[str]:
+    """The servability report of a checkpoint folder (exported or babai-native), one line per engine."""
+    from .summary import read_config
+
+    cfg = read_config(Path(checkpoint))
+    qcfg = cfg.get("quantization_config") or {}
+    return format_report(servability(describe_checkpoint(qcfg)))
+
+
+def _scale_dtype(mods: dict[str, nn.Module], requested: torch.dtype | None) -> torch.dtype:
+    """``requested``, or the model's dtype when every scale is exactly one of its values, else float16."""
+    if requested is not None:
+        return requested
+    dtypes = {m.compute_dtype for m in mods.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if dtype in (torch.float16, torch.float32):
+        return dtype
+    inexact = sum(int((m.scales.to(dtype).to(m.scales.dtype) != m.scales).sum()) for m in mods.values())
+    if inexact:
+        total = sum(m.scales.numel() for m in mods.values())
+        warnings.warn(
+            f"{inexact} of {total} scales are not exactly representable in {dtype} (the model's dtype); they are "
+            "written as float16. Loaders cast scales to the dtype they run the model in: serve in float16 "
+            f"(vllm serve --dtype float16) for exactly the quantized weights; in {dtype} each such scale rounds "
+            "by at most 2^-9 of its value (docs/serving.md).",
+            stacklevel=3,
+        )
+        return torch.float16
+    return dtype
+
+
+def _ct_config(model: nn.Module, bits: int, sym: bool, stored_group: int, babai: dict) -> dict[str, Any]:
+    """compressed-tensors ``quantization_config``: the fields compressed-tensors 0.17.0 writes, which the newest
+    release and vLLM also read; unknown keys are ignored by compressed-tensors, so provenance goes under
+    ``babai``."""
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "group_size": None if stored_group == -1 else stored_group,
+        "strategy": "channel" if stored_group == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "scale_dtype": None,
+        "zp_dtype": None if sym else "torch.int8",  # what compressed-tensors writes
+        "observer": "memoryless_minmax",
+        "observer_kwargs": {},
+    }
+    ignore = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+        "babai": {"quantizer": "hf_babai", **{k: babai.get(k) for k in ("order", "method", "calibration", "damp")}},
+    }
+
+
+def _gptq_config(bits: int, group_size: int, sym: bool, babai: dict) -> dict[str, Any]:
+    return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": bits,
@@ -96,12 +246,3 @@ def export(model_or_dir: nn.Module | str | Path, out_dir: str | Path, format: st
         "damp_percent": babai.get("damp", 0.01),
         "meta": {"quantizer": ["hf_babai"], "babai": {k: babai.get(k) for k in ("order", "method", "calibration")}},
     }
-    cfg.save_pretrained(out)
-    if src_dir is not None:
-        for f in TOKENIZER_FILES:
-            if (src_dir / f).exists():
-                shutil.copy(src_dir / f, out / f)
-    (out / "quantize_config.json").write_text(
-        json.dumps({k: cfg.quantization_config[k] for k in ("bits", "group_size", "sym", "desc_act")}, indent=2)
-    )
-    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..formats import get_format, model_bits_per_weight
 from .config import QUANT_METHOD, BabaiConfig
 from .quantizer import check_checkpoint, replace_with_quantized_modules
+from .serving import describe_checkpoint, format_report, servability
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder; a clear error when there is none."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} has no config.json; pass a checkpoint folder written by save_pretrained")
+    return json.loads(cfg_file.read_text())
 
 
 def read_babai_config(path: str | Path) -> BabaiConfig:
     """The checkpoint's ``BabaiConfig``; a clear error for a folder that is not a babai checkpoint."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"{path} has no config.json; pass a checkpoint folder written by save_pretrained")
-    qraw = json.loads(cfg_file.read_text()).get("quantization_config")
+    qraw = read_config(path).get("quantization_config")
     if not isinstance(qraw, dict) or qraw.get("quant_method") != QUANT_METHOD:
         qm = qraw.get("quant_method") if isinstance(qraw, dict) else None
         raise ValueError(f"{path} is not a babai checkpoint (quant_method={qm!r}); quantize it with hf_babai first")
@@ -98,4 +106,78 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "size_16bit_bytes": 2 * (quantized + dense),
         "calibration": qcfg.calibration,
         "layer_stats": layer_stats(path / "quant_log.csv"),
+        "serving": format_report(
+            servability(describe_checkpoint(qcfg.to_dict(), {n: m.in_features for n, m in modules.items()}))
+        ),
     }
+
+
+EXPORTED_PRIMARY = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
+
+
+def exported_summary(path: str | Path) -> dict[str, Any]:
+    """Describes a checkpoint written by :func:`hf_babai.export` (or any compressed-tensors / GPTQ int checkpoint)
+    from its config and safetensors headers: the quantized layers, true bits per weight, size and which engines
+    load it. Raises ``ValueError`` when no weights are present."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = read_config(path)
+    qcfg = config.get("quantization_config") or {}
+    kind = qcfg.get("quant_method")
+    if kind not in EXPORTED_PRIMARY:
+        raise ValueError(f"{path} is not a compressed-tensors or GPTQ checkpoint (quant_method={kind!r})")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has a config.json but no *.safetensors weights; copy the whole checkpoint folder")
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            names = sf.keys()
+            for key in names:
+                sl = sf.get_slice(key)
+                shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    primary = EXPORTED_PRIMARY[kind]
+    layers = sorted(k[: -len(primary) - 1] for k in shapes if k.endswith("." + primary))
+    if not layers:
+        raise ValueError(f"{path}: no {primary} tensors; the weights do not match its {kind} config")
+    bits = weights = 0
+    sizes = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "I64": 64}
+    in_features = {}
+    for layer in layers:
+        parts = {k: v for k, v in shapes.items() if k.rsplit(".", 1)[0] == layer and not k.endswith(".bias")}
+        bits += sum(math.prod(s) * sizes[d] for s, d in parts.values() if not k_is_shape(s))
+        if kind == "compressed-tensors":
+            n, k = _weight_shape(path, files, layer + ".weight_shape")
+        else:
+            k, n = shapes[layer + ".g_idx"][0][0], shapes[layer + ".scales"][0][1]
+        weights += n * k
+        in_features[layer] = k
+    facts = describe_checkpoint(qcfg, in_features)
+    return {
+        "checkpoint": str(path),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "format": f"{kind}: {facts.bits}-bit, group {sorted(facts.group_sizes)}, "
+        + ("symmetric" if facts.sym else "asymmetric"),
+        "quantized_layers": len(layers),
+        "bits_per_weight": round(bits / weights, 4),
+        "size_bytes": sum(f.stat().st_size for f in files),
+        "serving": format_report(servability(facts)),
+    }
+
+
+def k_is_shape(shape: tuple[int, ...]) -> bool:
+    """``weight_shape`` is a 2-element bookkeeping tensor, not stored weight bits."""
+    return shape == (2,)
+
+
+def _weight_shape(path: Path, files: list[Path], key: str) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            names = sf.keys()
+            if key in names:
+                n, k = (int(v) for v in sf.get_tensor(key).tolist())
+                return n, k
+    raise ValueError(f"{path}: {key} is missing; the checkpoint is incomplete")
