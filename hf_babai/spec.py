@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .formats import QuantFormat, format_names, get_format
-from .solver.grid import SCALE_METHODS, SUPPORTED_BITS, Grid
+from .solver.grid import SCALE_DTYPES, SCALE_METHODS, SUPPORTED_BITS, Grid
 from .solver.hessian import DAMP_WIDTH
 from .solver.ordering import ORDERS
 
@@ -100,6 +100,11 @@ class QuantSpec:
         "int: coordinate-descent sweeps on the codes after the solve",
         allowed="use an int >= 0 (coordinate-descent sweeps after the solve), e.g. 1",
         valid=lambda v: _int(v) and v >= 0,
+    )
+    scale_dtype: str = _setting(
+        "float16",
+        "int: scales exact in float16, or also in bfloat16 for serving a bf16 model exactly (docs/serving.md)",
+        choices=SCALE_DTYPES,
     )
     damp: float = _setting(
         0.01,
@@ -206,7 +211,7 @@ class QuantSpec:
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.bits, self.sym, self.group_size)
+        return Grid(self.bits, self.sym, self.group_size, self.scale_dtype)
 
     @property
     def skip(self) -> tuple[str, ...]:

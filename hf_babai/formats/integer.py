@@ -218,7 +218,7 @@ class IntFormat(QuantFormat):
     name = "int"
     module = BabaiLinear
     primary = "qweight"
-    own_settings = ("rescale", "refine_sweeps")
+    own_settings = ("rescale", "refine_sweeps", "scale_dtype")
     scale_methods = ("mse", "hmse", "minmax", "auto")
     one_pass = True
     exports = ("compressed-tensors", "gptq")

@@ -14,7 +14,8 @@ solver used.
 Scales are rounded to float16 *before* the solve, because checkpoints store them in float16: the lattice
 the solver works on must be exactly the one inference dequantizes, otherwise the bound and the reported
 loss would describe a different model. Scales below float16's smallest normal number are raised to it
-(a coarser but still valid grid), so the stored value never underflows.
+(a coarser but still valid grid), so the stored value never underflows. With ``scale_dtype="bfloat16"`` they are
+rounded to values that bfloat16 holds too, for models that loaders run in bfloat16 (``Grid.round_scales``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny)
 FP16_MAX = float(torch.finfo(torch.float16).max)
+SCALE_DTYPES = ("float16", "bfloat16")
+BF16_FP16_MAX = 65280.0  # the largest bfloat16 value that float16 holds
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_METHODS = ("mse", "hmse", "minmax")
 
@@ -37,10 +40,21 @@ class Grid:
     bits: int
     sym: bool = True
     group_size: int = 128
+    scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported; use one of {SCALE_DTYPES}")
+
+    def round_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` rounded to the nearest value checkpoints store exactly: a float16 value, and with
+        ``scale_dtype="bfloat16"`` one that is also a bfloat16 value (8 significant bits), so that a loader which
+        casts scales to a bfloat16 model's dtype (vLLM, compressed-tensors) changes nothing. Same dtype out."""
+        if self.scale_dtype == "bfloat16":  # bfloat16 values >= 2^-14 are float16 values too
+            return scale.to(torch.bfloat16).to(torch.float16).to(scale.dtype)
+        return scale.to(torch.float16).to(scale.dtype)
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size={self.group_size} is invalid; use a positive size or -1 (per channel)")
 
@@ -100,7 +114,7 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid) -> tu
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / grid.maxq
-    scale = scale.clamp(min=FP16_TINY).to(torch.float16).float()
+    scale = grid.round_scales(scale.clamp(FP16_TINY, BF16_FP16_MAX if grid.scale_dtype == "bfloat16" else None))
     if grid.sym:
         zero = torch.full_like(scale, float((grid.maxq + 1) // 2))
     else:

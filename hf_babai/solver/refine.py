@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .babai import QuantResult
-from .grid import Grid, expand_per_column, zero_point
+from .grid import FP16_TINY, Grid, expand_per_column, zero_point
 
 
 def refine_codes(
@@ -118,8 +118,9 @@ def refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, zeros: Ten
     ridge = 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-30) + 1e-30
     old = scales.double()
     new = torch.linalg.solve(m + torch.diag_embed(ridge.expand(n, ng)), (rhs + ridge * old).unsqueeze(-1)).squeeze(-1)
-    new = new.to(torch.float16).double()
-    ok = torch.isfinite(new).all(1) & (new > 0).all(1)
+    new = grid.round_scales(new)
+    floor = FP16_TINY if grid.scale_dtype == "bfloat16" else 0.0  # float16 subnormals need not be bfloat16 values
+    ok = torch.isfinite(new).all(1) & (new > 0).all(1) & (new >= floor).all(1)
     new = torch.where(ok[:, None], new, old)
     c = (wh * wd).sum(1)
 
