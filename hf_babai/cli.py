@@ -196,10 +196,10 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CliError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
-    scale_dtype = None if args.scale_dtype == "auto" else getattr(torch, args.scale_dtype)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hf_babai.export(args.source, out, args.format, scale_dtype=scale_dtype)
+        hf_babai.export(args.source, out, args.format, dtype=dtype)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"exported {args.source} to {out} ({args.format})")
@@ -361,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("out", help="output folder (new or empty)")
     ex.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gptq"])
     ex.add_argument(
-        "--scale-dtype",
+        "--dtype",
         default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
-        help="compressed-tensors scales: auto = the model's dtype when exact, else float16",
+        choices=["auto", "bfloat16", "float16"],
+        help="dtype the export is served in (auto: the checkpoint's; give the original model's if it was float32)",
     )
     ex.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
 

@@ -43,6 +43,7 @@ def _compare(weights: dict[str, torch.Tensor], dense_of, dtype: torch.dtype) -> 
 
 def check_ct(babai_dir: str, export_dir: str) -> dict:
     import compressed_tensors
+    import transformers
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     weights, ids, ref = _babai(babai_dir)
@@ -54,7 +55,7 @@ def check_ct(babai_dir: str, export_dir: str) -> dict:
     )
     unequal = _compare(weights, lambda n: dense.get_submodule(n).weight.detach(), torch.float32)
     return {
-        "loader": f"transformers + compressed-tensors {compressed_tensors.__version__}",
+        "loader": f"transformers {transformers.__version__} + compressed-tensors {compressed_tensors.__version__}",
         "layers": len(weights),
         "unequal": unequal,
         "logits_max_diff": float((logits - ref).abs().max()),

@@ -153,7 +153,7 @@ def test_ct_export_config_and_tensors(tiny, tmp_path):
     model = _quantize(tiny, bits=4, group_size=64, sym=False)  # 96 = 64 + 32: written at group 32
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a servable export warns about nothing
-        out = hf_babai.export(model, tmp_path / "ct")
+        out = hf_babai.export(model, tmp_path / "ct", dtype=torch.float32)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     w = qc["config_groups"]["group_0"]["weights"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
@@ -173,6 +173,19 @@ def test_bf16_model_scales_are_kept_exact(tiny, tmp_path):
         assert f.get_slice("model.layers.1.self_attn.q_proj.weight_scale").get_dtype() == "F16"
     with pytest.raises(ValueError, match=r"not exactly representable in torch\.bfloat16"):
         hf_babai.export(model, tmp_path / "ct2", scale_dtype=torch.bfloat16)
+
+
+def test_bfloat16_scales_make_a_bf16_export_exact(tiny, tmp_path):
+    model = _quantize(tiny, torch.bfloat16, bits=4, group_size=32, scale_dtype="bfloat16")
+    scales = torch.cat([m.scales.flatten() for _, m, _ in hf_babai.formats.quantized_modules(model)])
+    assert torch.equal(scales.to(torch.bfloat16).to(scales.dtype), scales)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = hf_babai.export(model, tmp_path / "ct")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.1.self_attn.q_proj.weight_scale").get_dtype() == "BF16"
+    with pytest.raises(ValueError, match="scale_dtype applies to format='int' only"):
+        BabaiConfig(format="ssqr", outlier_rate=0.01, scale_dtype="bfloat16")
 
 
 def test_unservable_gptq_export_warns_and_names_the_alternative(tiny, tmp_path):
@@ -198,6 +211,18 @@ def test_cli_export_and_info_print_the_report(tiny, tmp_path, capsys):
     (tmp_path / "cfg_only" / "config.json").write_text((tmp_path / "ct" / "config.json").read_text())
     assert cli(["info", str(tmp_path / "cfg_only")]) == 1
     assert "no *.safetensors" in capsys.readouterr().err
+
+
+def test_float32_model_warns_and_exports_in_the_dtype_asked(tiny, tmp_path):
+    model = _quantize(tiny, bits=4, group_size=32)
+    with pytest.warns(UserWarning, match=r"served in float32.*--dtype bfloat16"):
+        hf_babai.export(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match="not exactly representable"):  # fp16 scales, bf16 model: as warned above
+        out = hf_babai.export(model, tmp_path / "b", dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale").get_dtype() == "F16"
 
 
 def test_export_refuses_its_source_folder(tiny, tmp_path):

@@ -61,6 +61,7 @@ def export(
     out_dir: str | Path,
     format: str = "compressed-tensors",
     *,
+    dtype: torch.dtype | None = None,
     scale_dtype: torch.dtype | None = None,
 ) -> Path:
     """Writes ``out_dir`` (``config.json``, ``model.safetensors``, tokenizer files when given a folder).
@@ -69,8 +70,11 @@ def export(
         model_or_dir: a quantized model in memory, or a babai checkpoint folder.
         out_dir: destination folder (created); it may not be the source folder.
         format: ``"compressed-tensors"`` (default) or ``"gptq"`` (GPTQ v1).
-        scale_dtype: compressed-tensors only: the dtype of the written scales. Default: the model's dtype when
-            it holds every scale exactly, else ``torch.float16`` (with a warning).
+        dtype: the dtype the export is served in (``config.json``'s ``dtype``; unquantized tensors are cast to
+            it). Default: the model's own; a float32 model (quantized in float32 for CPU speed) warns, since
+            engines would then run it in float32: pass the original model's dtype (usually bfloat16).
+        scale_dtype: compressed-tensors only: the dtype of the written scales. Default: ``dtype`` when it holds
+            every scale exactly, else ``torch.float16`` (with a warning).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"export format={format!r} is not supported; use one of {EXPORT_FORMATS}")
@@ -98,6 +102,7 @@ def export(
     if len(kinds) != 1:
         raise ValueError(f"{format} checkpoints have one bits/group_size/sym for all layers; this model mixes {kinds}")
     bits, group_size, sym = kinds.pop()
+    dtype = _served_dtype(model, dtype)
     babai = getattr(model.config, "quantization_config", None)
     babai = babai.to_dict() if hasattr(babai, "to_dict") else dict(babai or {})
 
@@ -115,7 +120,7 @@ def export(
                 sorted({m.in_features for m in mods.values() if m.in_features % group_size}),
                 group_size,
             )
-        options = {"stored_group": stored, "scale_dtype": _scale_dtype(mods, scale_dtype)}
+        options = {"stored_group": stored, "scale_dtype": _scale_dtype(mods, dtype, scale_dtype)}
         qcfg = _ct_config(model, bits, sym, stored, babai)
     else:
         qcfg = _gptq_config(bits, group_size, sym, babai)
@@ -125,7 +130,7 @@ def export(
         for k, t in fmt.export_tensors(format, mod, **options).items():
             state[f"{name}.{k}"] = t
         if mod.bias is not None:
-            state[f"{name}.bias"] = mod.bias.detach()
+            state[f"{name}.bias"] = mod.bias.detach().to(dtype)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     for key, t in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
@@ -133,12 +138,13 @@ def export(
             continue
         if t.device.type == "meta":
             raise ValueError(f"{key} is offloaded (meta); load the model without disk offload before exporting")
-        state[key] = t.detach()
+        state[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = qcfg
+    cfg.dtype = dtype
     cfg.save_pretrained(out)
     if src_dir is not None:
         for f in TOKENIZER_FILES:
@@ -151,31 +157,44 @@ def export(
     in_features = {n: m.in_features for n, m in mods.items()}
     verdicts = servability(describe_checkpoint(qcfg, in_features))
     if not default_path_serves(verdicts, "vLLM"):
-        better = "compressed-tensors" if format == "gptq" else "a 4-bit symmetric compressed-tensors export"
         warnings.warn(
             f"no serving engine loads this {format} checkpoint by default ("
             + "; ".join(format_report(verdicts))
-            + f"). Export to {better} to serve it with vLLM's default kernels.",
+            + "). Export to compressed-tensors to serve it with vLLM's default kernels.",
             stacklevel=2,
         )
     return out
 
 
 def export_report(checkpoint: str | Path) -> list[str]:
-    """The servability report of a checkpoint folder (exported or babai-native), one line per engine."""
-    from .summary import read_config
+    """The servability report of an exported checkpoint folder, one line per engine (its layer widths read from
+    the safetensors headers, so partial groups count)."""
+    from .summary import exported_summary
 
-    cfg = read_config(Path(checkpoint))
-    qcfg = cfg.get("quantization_config") or {}
-    return format_report(servability(describe_checkpoint(qcfg)))
+    return exported_summary(checkpoint)["serving"]
 
 
-def _scale_dtype(mods: dict[str, nn.Module], requested: torch.dtype | None) -> torch.dtype:
-    """``requested``, or the model's dtype when every scale is exactly one of its values, else float16."""
+def _served_dtype(model: nn.Module, requested: torch.dtype | None) -> torch.dtype:
+    """``requested``, else the model's dtype, with a warning when that is float32 (no engine's fast path)."""
+    if requested is not None:
+        if requested not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype={requested} is not a dtype engines serve; use torch.bfloat16 or torch.float16")
+        return requested
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype == torch.float32:
+        warnings.warn(
+            "the model is float32 (quantized in float32?), so the export would be served in float32, which engines' "
+            "quantized kernels do not run; pass dtype=torch.bfloat16 (hf-babai export --dtype bfloat16), the "
+            "original model's dtype, to serve it as released",
+            stacklevel=3,
+        )
+    return dtype
+
+
+def _scale_dtype(mods: dict[str, nn.Module], dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """``requested``, or the served ``dtype`` when every scale is exactly one of its values, else float16."""
     if requested is not None:
         return requested
-    dtypes = {m.compute_dtype for m in mods.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     if dtype in (torch.float16, torch.float32):
         return dtype
     inexact = sum(int((m.scales.to(dtype).to(m.scales.dtype) != m.scales).sum()) for m in mods.values())
@@ -185,7 +204,7 @@ def _scale_dtype(mods: dict[str, nn.Module], requested: torch.dtype | None) -> t
             f"{inexact} of {total} scales are not exactly representable in {dtype} (the model's dtype); they are "
             "written as float16. Loaders cast scales to the dtype they run the model in: serve in float16 "
             f"(vllm serve --dtype float16) for exactly the quantized weights; in {dtype} each such scale rounds "
-            "by at most 2^-9 of its value (docs/serving.md).",
+            "by at most 2^-9 of its value. Quantizing with scale_dtype='bfloat16' avoids this (docs/serving.md).",
             stacklevel=3,
         )
         return torch.float16

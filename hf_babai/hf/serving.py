@@ -103,14 +103,14 @@ RULES: tuple[Rule, ...] = (
     Rule(TRANSFORMERS, "compressed-tensors", "compressed-tensors", (2, 4, 8), (True,), None,
          "pip install compressed-tensors", "compressed_tensors/compressors/pack_quantized/base.py"),
     Rule(TRANSFORMERS, "compressed-tensors", "compressed-tensors", (2, 4, 8), (False,), None,
-         "pip install compressed-tensors<0.20", "compressed-tensors 0.20.1 + transformers 5.25 refuse packed zero "
-         "points (llm-compressor's checkpoints too)"),
+         "pip install compressed-tensors==0.17.0", "transformers 5.25 with compressed-tensors 0.18-0.20.1 refuses "
+         "packed zero points, llm-compressor's checkpoints too (tested)"),
     Rule(TRANSFORMERS, "compressed-tensors", "compressed-tensors", (3, 5, 6, 7), (True,), None,
          "pip install compressed-tensors>=0.18", "compressed_tensors/compressors/pack_quantized/helpers.py "
          "(dense packing since 0.18.0)"),
     Rule(TRANSFORMERS, "compressed-tensors", "compressed-tensors", (3, 5, 6, 7), (False,), None,
-         "pip install compressed-tensors>=0.18,<0.20", "both of the above"),
-    Rule(TRANSFORMERS, "GPTQ (optimum + gptqmodel)", "gptq", (2, 3, 4, 8), (True,), None,
+         "transformers 5.17 with compressed-tensors 0.19.0", "both of the above (tested in llm-compressor's pins)"),
+    Rule(TRANSFORMERS, "GPTQ (optimum + gptqmodel)", "gptq", (2, 3, 4, 8), (True, False), None,
          "pip install optimum gptqmodel", "transformers/quantizers/quantizer_gptq.py, then GPTQModel's kernels",
          whole_groups=False),
     Rule(TRANSFORMERS, "hf_babai module", "babai", (2, 3, 4, 8), (True, False), None, "import hf_babai",

@@ -130,7 +130,7 @@ def exported_summary(path: str | Path) -> dict[str, Any]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has a config.json but no *.safetensors weights; copy the whole checkpoint folder")
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
     for f in files:
         with safe_open(f, "pt") as sf:
             names = sf.keys()
@@ -142,11 +142,11 @@ def exported_summary(path: str | Path) -> dict[str, Any]:
     if not layers:
         raise ValueError(f"{path}: no {primary} tensors; the weights do not match its {kind} config")
     bits = weights = 0
-    sizes = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "I64": 64}
+    sizes = {"I8": 8, "U8": 8, "I32": 32, "F16": 16, "BF16": 16, "F32": 32, "I64": 64, "F64": 64}
     in_features = {}
     for layer in layers:
         parts = {k: v for k, v in shapes.items() if k.rsplit(".", 1)[0] == layer and not k.endswith(".bias")}
-        bits += sum(math.prod(s) * sizes[d] for s, d in parts.values() if not k_is_shape(s))
+        bits += sum(math.prod(s) * sizes[d] for s, d in parts.values() if not _is_shape_record(s))
         if kind == "compressed-tensors":
             n, k = _weight_shape(path, files, layer + ".weight_shape")
         else:
@@ -166,7 +166,7 @@ def exported_summary(path: str | Path) -> dict[str, Any]:
     }
 
 
-def k_is_shape(shape: tuple[int, ...]) -> bool:
+def _is_shape_record(shape: tuple[int, ...]) -> bool:
     """``weight_shape`` is a 2-element bookkeeping tensor, not stored weight bits."""
     return shape == (2,)
 
