@@ -130,27 +130,36 @@ def exported_summary(path: str | Path) -> dict[str, Any]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path} has a config.json but no *.safetensors weights; copy the whole checkpoint folder")
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
+    # one pass over the headers: each module's tensors (shape, dtype), and the small weight_shape records' values
+    owned: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    recorded: dict[str, tuple[int, int]] = {}
     for f in files:
         with safe_open(f, "pt") as sf:
             names = sf.keys()
             for key in names:
+                owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+                if leaf == "weight_shape":  # bookkeeping (N, K), not stored weight bits
+                    n, k = (int(v) for v in sf.get_tensor(key).tolist())
+                    recorded[owner] = (n, k)
+                    continue
                 sl = sf.get_slice(key)
-                shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+                owned.setdefault(owner, {})[leaf] = (tuple(sl.get_shape()), sl.get_dtype())
     primary = EXPORTED_PRIMARY[kind]
-    layers = sorted(k[: -len(primary) - 1] for k in shapes if k.endswith("." + primary))
+    layers = sorted(owner for owner, leaves in owned.items() if primary in leaves)
     if not layers:
         raise ValueError(f"{path}: no {primary} tensors; the weights do not match its {kind} config")
     bits = weights = 0
     sizes = {"I8": 8, "U8": 8, "I32": 32, "F16": 16, "BF16": 16, "F32": 32, "I64": 64, "F64": 64}
     in_features = {}
     for layer in layers:
-        parts = {k: v for k, v in shapes.items() if k.rsplit(".", 1)[0] == layer and not k.endswith(".bias")}
-        bits += sum(math.prod(s) * sizes[d] for s, d in parts.values() if not _is_shape_record(s))
+        parts = owned[layer]
+        bits += sum(math.prod(shape) * sizes[d] for leaf, (shape, d) in parts.items() if leaf != "bias")
         if kind == "compressed-tensors":
-            n, k = _weight_shape(path, files, layer + ".weight_shape")
+            if layer not in recorded:
+                raise ValueError(f"{path}: {layer}.weight_shape is missing; the checkpoint is incomplete")
+            n, k = recorded[layer]
         else:
-            k, n = shapes[layer + ".g_idx"][0][0], shapes[layer + ".scales"][0][1]
+            k, n = parts["g_idx"][0][0], parts["scales"][0][1]
         weights += n * k
         in_features[layer] = k
     facts = describe_checkpoint(qcfg, in_features)
@@ -164,20 +173,3 @@ def exported_summary(path: str | Path) -> dict[str, Any]:
         "size_bytes": sum(f.stat().st_size for f in files),
         "serving": format_report(servability(facts)),
     }
-
-
-def _is_shape_record(shape: tuple[int, ...]) -> bool:
-    """``weight_shape`` is a 2-element bookkeeping tensor, not stored weight bits."""
-    return shape == (2,)
-
-
-def _weight_shape(path: Path, files: list[Path], key: str) -> tuple[int, int]:
-    from safetensors import safe_open
-
-    for f in files:
-        with safe_open(f, "pt") as sf:
-            names = sf.keys()
-            if key in names:
-                n, k = (int(v) for v in sf.get_tensor(key).tolist())
-                return n, k
-    raise ValueError(f"{path}: {key} is missing; the checkpoint is incomplete")
