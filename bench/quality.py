@@ -97,6 +97,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 method=method,
                 order=args.order,
                 refine_sweeps=sweeps,
+                beams=args.beams if method == "babai" else 1,
                 **({"rescale": args.rescale} if method == "babai" and args.rescale is not None else {}),
                 scale_method=args.scale_method if method == "babai" else None,
                 **schedule,
@@ -105,6 +106,8 @@ def run_one(args: argparse.Namespace) -> dict:
                 rec.update(scale_method=spec.scale_method, rescale=spec.rescale)
             if sweeps:
                 rec["refine_sweeps"] = sweeps
+            if spec.beams > 1:
+                rec["beams"] = spec.beams
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
@@ -158,6 +161,7 @@ def main() -> None:
     p.add_argument(
         "--refine-sweeps", type=int, default=0, help="babai int format: coordinate-descent sweeps after the solve"
     )
+    p.add_argument("--beams", type=int, default=1, help="babai int format: K-best nearest plane beams (1 = Babai)")
     p.add_argument(
         "--scale-method",
         choices=["auto", "mse", "hmse", "minmax"],
@@ -234,6 +238,7 @@ def main() -> None:
         str(eval_file),
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
+        *(["--beams", str(args.beams)] if args.beams > 1 else []),
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),

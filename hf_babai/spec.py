@@ -101,6 +101,12 @@ class QuantSpec:
         allowed="use an int >= 0 (coordinate-descent sweeps after the solve), e.g. 1",
         valid=lambda v: _int(v) and v >= 0,
     )
+    beams: int = _setting(
+        1,
+        "int: K-best nearest plane, partial solutions kept per row (1 = Babai's nearest plane)",
+        allowed="use an int in [1, 64] (K-best beams; 1 = Babai's nearest plane), e.g. 4",
+        valid=lambda v: _int(v) and 1 <= v <= 64,
+    )
     scale_dtype: str = _setting(
         "float16",
         "int: scales exact in float16, or also in bfloat16 for serving a bf16 model exactly (docs/serving.md)",

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..solver.babai import HessianFactor, LayerStats, QuantResult, babai_quantize
 from ..solver.grid import compute_scales, count_clipped, dequantize, rtn_quantize
+from ..solver.kbest import kbest_quantize
 from ..solver.refine import refine_result
 from .compressed_tensors import ct_tensors
 from .gptq import gptq_tensors
@@ -209,6 +210,7 @@ AUTO_SCALES = ("mse", "hmse")
 """``scale_method="auto"``: the first search is solved; the second (with the scale refit) only when the first
 solve's damped loss exceeds its Babai bound ``¼ Σ D_jj s_j²``, which without clipping it never can, so clipping
 has cost more than all of the rounding it saved."""
+KBEST_CANDIDATES = 2  # K-best (beams > 1) tries the two grid values nearest each corrected target (docs/formats.md)
 
 
 @register_format
@@ -218,15 +220,15 @@ class IntFormat(QuantFormat):
     name = "int"
     module = BabaiLinear
     primary = "qweight"
-    own_settings = ("rescale", "refine_sweeps", "scale_dtype")
+    own_settings = ("rescale", "refine_sweeps", "beams", "scale_dtype")
     scale_methods = ("mse", "hmse", "minmax", "auto")
     one_pass = True
     exports = ("compressed-tensors", "gptq")
     kernel_ops = ("hf_babai::dense_matmul", "hf_babai::dense_dequantize")
 
     def check(self, spec: QuantSpec) -> None:
-        if (spec.rescale or spec.refine_sweeps) and spec.method != "babai":
-            raise ValueError("rescale/refine_sweeps refine a Babai solve; unset them for method='rtn'")
+        if (spec.rescale or spec.refine_sweeps or spec.beams > 1) and spec.method != "babai":
+            raise ValueError("rescale/refine_sweeps/beams refine a Babai solve; unset them for method='rtn'")
 
     def default_scale_method(self, spec: QuantSpec) -> str:
         return "auto" if spec.method == "babai" and spec.bits != 2 else "mse"
@@ -237,7 +239,18 @@ class IntFormat(QuantFormat):
         grid = spec.grid
 
         def run(method: str, rescale: bool) -> tuple[QuantResult, QuantResult]:
-            babai = babai_quantize(w, factor, grid, scale_method=method, block_size=spec.block_size)
+            if spec.beams > 1:
+                babai = kbest_quantize(
+                    w,
+                    factor,
+                    grid,
+                    beams=spec.beams,
+                    candidates=KBEST_CANDIDATES,
+                    scale_method=method,
+                    block_size=spec.block_size,
+                )
+            else:
+                babai = babai_quantize(w, factor, grid, scale_method=method, block_size=spec.block_size)
             res = babai
             if spec.refine_sweeps or rescale:
                 res = refine_result(w, hessian(), factor.damping, babai, grid, spec.refine_sweeps, rescale=rescale)

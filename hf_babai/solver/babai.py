@@ -110,6 +110,7 @@ class QuantResult:
     zeros: torch.Tensor | None
     stats: LayerStats
     outliers: torch.Tensor | None = None
+    clipped_rows: torch.Tensor | None = None  # [N] clipped codes per output row (Babai solves), for K-best
 
 
 def factor_hessian(h: torch.Tensor, order: str = "act-order", damp: float = 0.01) -> HessianFactor:
@@ -227,7 +228,7 @@ def babai_quantize(
     err = torch.zeros_like(wt)  # err[j] = w_j − q_j (original w), [c, N]
     codes_t = torch.zeros_like(wt)
     resid = torch.zeros_like(wt)  # w'_j − q_j, for the exact error identity
-    clipped = 0
+    clipped = torch.zeros(n, dtype=torch.long, device=dev)  # per row, summed once (no sync per column)
     for hi in range(k, 0, -block_size):
         lo = max(0, hi - block_size)
         blk = wt[lo:hi].clone()
@@ -245,7 +246,7 @@ def babai_quantize(
                 over_t[j] = over
             else:
                 if maxq is not None:
-                    clipped += int(((u < 0) | (u > maxq)).sum())
+                    clipped += (u < 0) | (u > maxq)
                     u.clamp_(0, maxq)
                 q = (u - zt[j]).mul_(st[j])
             codes_t[j] = u
@@ -277,7 +278,7 @@ def babai_quantize(
         bound=bound,
         expected=bound / 3.0,
         trace_d=float(d.sum()),
-        clipped=clipped,
+        clipped=int(clipped.sum()),
         weights=n * k,
         damping=factor.damping,
         rank=factor.rank,
@@ -286,7 +287,7 @@ def babai_quantize(
         seconds=time.perf_counter() - start,
         outliers=n_out,
     )
-    return QuantResult(codes, scale_g, zeros, stats, sparse)
+    return QuantResult(codes, scale_g, zeros, stats, sparse, clipped)
 
 
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
