@@ -32,8 +32,11 @@ def anon_mb() -> float:
     raise RuntimeError("no RssAnon in /proc/self/status (this measurement needs Linux)")
 
 
-def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits: int, group_size: int) -> dict:
-    """Quantize on load (offloaded unless ``offload == "-"``), save to ``out`` with logits, return the memory record."""
+def child(
+    src: str, out: str, ids_file: str, offload: str, max_memory: str, bits: int, group_size: int, scale_method: str
+) -> dict:
+    """Quantize on load (offloaded unless ``offload == "-"``), save to ``out`` with logits, return the memory record.
+    ``scale_method="default"`` keeps the library's; tests pass ``"minmax"`` (memory does not depend on it)."""
     import resource
     import threading
 
@@ -82,7 +85,8 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
 
     engine.onload_block, engine.find_blocks = onload_and_measure, find_and_remember
     ids = torch.load(ids_file)
-    cfg = hf_babai.BabaiConfig(bits=bits, group_size=group_size, dataset=ids)
+    scales = {} if scale_method == "default" else {"scale_method": scale_method}
+    cfg = hf_babai.BabaiConfig(bits=bits, group_size=group_size, dataset=ids, **scales)
     kw = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload} if offload != "-" else {}
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
@@ -101,10 +105,12 @@ def child(src: str, out: str, ids_file: str, offload: str, max_memory: str, bits
     }  # fmt: skip
 
 
-def run_child(src: Path, out: Path, ids_file: Path, offload: str, max_memory: str, bits: int, group: int) -> dict:
+def run_child(
+    src: Path, out: Path, ids_file: Path, offload: str, max_memory: str, bits: int, group: int, scales: str = "default"
+) -> dict:
     """:func:`child` in a fresh process; its record."""
     args = [sys.executable, __file__, "--one", str(src), str(out), str(ids_file), offload, max_memory]
-    proc = subprocess.run([*args, str(bits), str(group)], capture_output=True, text=True)
+    proc = subprocess.run([*args, str(bits), str(group), scales], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"quantize-on-load child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,8 +118,8 @@ def run_child(src: Path, out: Path, ids_file: Path, offload: str, max_memory: st
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        src, out, ids_file, offload, max_memory, bits, group = sys.argv[2:9]
-        print(json.dumps(child(src, out, ids_file, offload, max_memory, int(bits), int(group))))
+        src, out, ids_file, offload, max_memory, bits, group, scales = sys.argv[2:10]
+        print(json.dumps(child(src, out, ids_file, offload, max_memory, int(bits), int(group), scales)))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
