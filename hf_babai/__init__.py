@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .hf import BabaiConfig, BabaiHfQuantizer, BabaiQuantizer, CheckpointError, export, write_quant_log
+from .hf import BabaiConfig, BabaiHfQuantizer, BabaiQuantizer, CheckpointError, export, set_backend, write_quant_log
 
 _LAZY = {"evaluate": "eval", "publish": "hub", "build_card": "hub", "PublishError": "hub"}
 
@@ -29,6 +29,7 @@ __all__ = [
     "evaluate",
     "export",
     "publish",
+    "set_backend",
     "write_quant_log",
 ]
 

@@ -9,11 +9,13 @@ shift, mask or group-index bug shows up as an O(1) error, not a tolerance questi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from hf_babai.formats import BabaiLinear
-from hf_babai.formats.kernel_ops import dense_matmul, kernel_config, select_backend
+from hf_babai.formats.kernel_ops import dense_matmul, kernel_config, select_backend, triton_on_cuda
 from hf_babai.formats.packing import pack_weight, unpack_weight
 
 pytest.importorskip("triton", reason="the kernel tests need triton (installed by scripts/setup.sh)")
@@ -111,7 +113,7 @@ def test_babai_linear_dispatch_and_equality_with_the_torch_path():
     scales = (torch.rand(40, 2, generator=g) * 0.01 + 0.001).half().float()
     layer = BabaiLinear.from_linear(lin, codes, scales, None, 4, 64, True).to(DEVICE)
     x = torch.randn(3, 100, generator=g).to(DEVICE)
-    assert select_backend(x) == ("triton" if x.is_cuda else "torch")  # auto: CPU inputs take the torch path
+    assert select_backend(x) == ("triton" if x.is_cuda and triton_on_cuda() else "torch")  # CPU: always torch
     layer.backend = "triton"
     fused = layer(x)
     layer.backend = "torch"
@@ -120,6 +122,44 @@ def test_babai_linear_dispatch_and_equality_with_the_torch_path():
     layer.backend = "fast"
     with pytest.raises(ValueError, match="backend='fast' is unknown"):
         layer(x)
+
+
+def test_auto_keeps_cuda_on_the_torch_path_until_a_gpu_run_passed(monkeypatch, caplog):
+    """``backend="auto"`` never hands CUDA users kernels that have not passed a GPU run: the torch path and one
+    notice saying how to opt in; Triton once the run is recorded (or on opt-in)."""
+    import hf_babai.formats.kernel_ops as ops
+
+    cuda_input = SimpleNamespace(is_cuda=True)  # select_backend reads only .is_cuda; no GPU needed to test it
+    monkeypatch.setattr(ops, "TRITON_GPU_VERIFIED", False)
+    monkeypatch.setattr(ops, "TRITON_OPT_IN", False)
+    monkeypatch.setattr(ops, "_notified", False)
+    with caplog.at_level("WARNING", logger=ops.__name__):
+        assert select_backend(cuda_input) == "torch"
+        assert select_backend(cuda_input) == "torch"
+    notices = [r.getMessage() for r in caplog.records]
+    assert len(notices) == 1 and "HF_BABAI_TRITON=1" in notices[0] and "set_backend" in notices[0]
+    assert select_backend(cuda_input, "triton") == "triton"  # a module's explicit choice is kept
+    monkeypatch.setattr(ops, "TRITON_OPT_IN", True)
+    assert select_backend(cuda_input) == "triton"
+    monkeypatch.setattr(ops, "TRITON_OPT_IN", False)
+    monkeypatch.setattr(ops, "TRITON_GPU_VERIFIED", True)
+    assert select_backend(cuda_input) == "triton"
+    assert select_backend(torch.zeros(1, 8)) == "torch"  # CPU inputs: the torch path whatever was verified
+
+
+def test_set_backend_switches_every_quantized_module():
+    from hf_babai import set_backend
+
+    lin = torch.nn.Linear(64, 8, bias=False)
+    codes = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Sequential(
+        BabaiLinear.from_linear(lin, codes, torch.full((8, 1), 2.0**-7), None, 4, -1, True), torch.nn.ReLU(), lin
+    )
+    assert set_backend(model, "triton") == 1 and model[0].backend == "triton"
+    with pytest.raises(ValueError, match=r"backend='gpu' is unknown; use one of \('auto', 'torch', 'triton'\)"):
+        set_backend(model, "gpu")
+    with pytest.raises(ValueError, match="no quantized layers"):
+        set_backend(torch.nn.Sequential(lin), "torch")
 
 
 def test_forced_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -158,29 +198,3 @@ def test_gpu_config_splits_k_for_decode():
     bm, bn, _bk, split = kernel_config(1, 4096, 4096, on_gpu=True)
     assert bm == 16 and split > 1 and (-(-4096 // bn)) * split >= 132  # enough programs for an H100/H200
     assert kernel_config(128, 4096, 4096, on_gpu=True)[3] == 1
-
-
-def test_kernel_benchmark_logic_on_cpu(load_bench):
-    """bench/kernel_speed.py's records on a tiny shape (the GPU run uses the same code with real shapes)."""
-    bench = load_bench("kernel_speed")
-    formats = [("int", 4, 128, True), ("ssqr", 3, 64, True), ("hptq", 0, -1, True)]
-    recs = bench.run([(48, 256)], [2], formats, DEVICE)
-    keys = {"device", "format", "bits", "group_size", "N", "K", "M", "us", "gbps", "speedup", "ideal_speedup"}
-    assert [r["format"] for r in recs] == ["int4", "ssqr", "hptq"]
-    for rec in recs:
-        assert keys <= rec.keys() and rec["N"] == 48 and rec["K"] == 256 and rec["M"] == 2
-        assert rec["max_rel_err"] < 1e-5 and rec["us"] > 0
-    assert recs[0]["ideal_speedup"] == round(16 / 4.125, 3)  # fp16 scale per 128 weights
-    assert recs[0]["path"] == "fused" and {"fused_us", "dequant_us"} <= recs[0].keys()
-    assert recs[1]["bits_per_weight"] > 3 + 16 / 64  # inliers + scales + every byte of the CSR outliers
-    assert recs[2]["path"] == "fused-gemv" and recs[2]["read_bits_per_weight"] > recs[2]["bits_per_weight"]
-
-
-def test_decode_benchmark_logic_on_cpu(load_bench):
-    """The end-to-end decode measurement on a tiny Qwen2 shape (torch backend: the interpreter is too slow)."""
-    bench = load_bench("kernel_speed")
-    config = dict(bench.QWEN_1_5B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    recs = bench.decode_tokens_per_s(config, [("int", 4, 32)], "cpu", new_tokens=4, backend="torch")
-    assert [r["format"] for r in recs] == ["bf16", "int"] and recs[0]["speedup"] == 1.0
-    assert all(r["tokens_per_s"] > 0 for r in recs)

@@ -241,6 +241,7 @@ def test_gpu_native_half_precision_paths(dtype):
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_of_a_quantized_linear():
     layer = _ssqr(256, 512, 4, 0.01)
+    layer.backend = "triton"  # the kernels under capture, whatever "auto" would pick
     x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
     layer(x)  # compile the kernels before capture
     graph = torch.cuda.CUDAGraph()

@@ -34,6 +34,7 @@ from .registry import (
     model_bits_per_weight,
     quantized_modules,
     register_format,
+    set_backend,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "packed_buffer_specs",
     "quantized_modules",
     "register_format",
+    "set_backend",
     "unpack_codes",
     "unpack_weight",
 ]

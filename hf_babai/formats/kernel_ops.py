@@ -15,17 +15,22 @@ The Triton source lives in the repository's top-level ``kernels/`` folder, insta
 (a namespace package on purpose: a folder named ``kernels`` without ``__init__.py`` can never shadow Hugging
 Face's own ``kernels`` distribution).
 
-Backend choice (:func:`select_backend`, called by every quantized module's ``forward``): CUDA tensors and an
-importable triton → Triton; anything else → the torch path (dequantize/decode + ``F.linear``).
-``backend="torch"`` forces the torch path for debugging; ``backend="triton"`` on CPU tensors runs the kernels
-in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported
-(that is how the tests run them).
+Backend choice (:func:`select_backend`, called by every quantized module's ``forward``): ``backend="auto"``
+sends CUDA tensors to Triton only once the kernels have passed a run on a real GPU (:data:`TRITON_GPU_VERIFIED`,
+set from the results of ``scripts/gpu_check.sh``); until then CUDA inputs take the torch path with a one-line
+notice, and Triton on CUDA is opt-in (``HF_BABAI_TRITON=1`` before import, ``backend="triton"`` on a module, or
+``hf_babai.set_backend(model, "triton")``). Code that never ran on a GPU is not what a CUDA user gets by
+default. CPU tensors always take the torch path (dequantize/decode + ``F.linear``). ``backend="torch"`` forces
+the torch path for debugging; ``backend="triton"`` on CPU tensors runs the kernels in Triton's interpreter,
+which needs ``TRITON_INTERPRET=1`` in the environment before triton is first imported (that is how the tests
+run them).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -36,6 +41,7 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "TRITON_GPU_VERIFIED",
     "dense_dequantize",
     "dense_matmul",
     "fused_matmul",
@@ -45,9 +51,21 @@ __all__ = [
     "matmul_path",
     "select_backend",
     "triton_available",
+    "triton_on_cuda",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+
+# True once scripts/gpu_check.sh has passed on a GPU with the kernels (its JSON committed under bench/results/).
+# No GPU run has happened yet, so "auto" keeps CUDA inputs on the torch path: set this to True in the commit that
+# records the passing run.
+TRITON_GPU_VERIFIED = False
+# The opt-in for code that has not passed a GPU run: HF_BABAI_TRITON=1 in the environment before hf_babai is
+# imported (read once, so that compiled and captured forwards see a constant).
+TRITON_OPT_IN = os.environ.get("HF_BABAI_TRITON") == "1"
+
+log = logging.getLogger(__name__)
+_notified = False
 
 
 def triton_available() -> bool:
@@ -83,7 +101,12 @@ def select_backend(x: Tensor, backend: str = "auto") -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        if not x.is_cuda or not triton_available():
+            return "torch"
+        if triton_on_cuda():
+            return "triton"
+        _notify_torch_on_cuda()
+        return "torch"
     if not triton_available():
         raise ValueError("backend='triton' needs triton: pip install 'hf-babai[triton]' (or use backend='torch')")
     if not x.is_cuda and not _interpreting():
@@ -92,6 +115,23 @@ def select_backend(x: Tensor, backend: str = "auto") -> str:
             "imported (slow; for tests), or use backend='torch'"
         )
     return "triton"
+
+
+def triton_on_cuda() -> bool:
+    """Whether ``backend="auto"`` runs the Triton kernels for CUDA inputs: after a passing GPU run, or on opt-in."""
+    return TRITON_GPU_VERIFIED or TRITON_OPT_IN
+
+
+def _notify_torch_on_cuda() -> None:
+    """Says once per process why CUDA inputs take the torch path, and how to opt in."""
+    global _notified
+    if _notified or torch.compiler.is_compiling():
+        return
+    _notified = True
+    log.warning(
+        "hf_babai: quantized layers run the torch path on CUDA (dequantize + F.linear) because the Triton kernels "
+        "have not yet passed a GPU run; opt in with HF_BABAI_TRITON=1 or hf_babai.set_backend(model, 'triton')"
+    )
 
 
 def kernel_config(m: int, n: int, k: int, on_gpu: bool) -> tuple[int, int, int, int]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .kernel_ops import BACKENDS
 from .packing import bits_per_weight
 
 if TYPE_CHECKING:  # the spec imports this module, never the other way round at run time
@@ -174,3 +175,17 @@ def model_bits_per_weight(model: nn.Module) -> float:
     if not weights:
         raise ValueError("the model has no quantized layers")
     return total / weights
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Sets the compute backend (``"auto"``, ``"torch"`` or ``"triton"``) of every quantized module of ``model``;
+    returns how many it set. The model-wide switch for what each module's ``backend`` attribute decides."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; use one of {BACKENDS}")
+    count = 0
+    for _, mod, _fmt in quantized_modules(model):
+        mod.backend = backend
+        count += 1
+    if not count:
+        raise ValueError("the model has no quantized layers to set a backend on")
+    return count

@@ -7,6 +7,7 @@ and loads random dense weights). Registration is idempotent, so re-imports and r
 
 from __future__ import annotations
 
+from ..formats import set_backend
 from .config import QUANT_METHOD, BabaiConfig
 from .export import export
 from .optimum_api import BabaiQuantizer
@@ -23,6 +24,7 @@ __all__ = [
     "quant_log_records",
     "register",
     "replace_with_quantized_modules",
+    "set_backend",
     "write_quant_log",
 ]
 
