@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import traceback
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_babai.engine import QuantSpec, find_blocks, quantize_model, uses_one_pass
@@ -228,3 +231,54 @@ def test_memory_of_a_block_is_freed_as_soon_as_it_is_done(monkeypatch):
     assert block0["o_proj"] == (1, 1) and block0["up_proj"] == (1, 1) and block0["down_proj"] == (1, 1)
     for lin in (m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, BabaiLinear)):
         assert lin.out_features == 96  # only lm_head stays a float Linear
+
+
+# Tensor factories that place their result on the default device unless told otherwise.
+_FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "eye", "randn", "rand", "randint", "linspace"}
+# Deliberately on the CPU: the Huffman code table is built there and moved (formats/huffman.py::decode_table).
+_CPU_BY_DESIGN = {("huffman.py", "decode_table")}
+
+
+class _DevicelessFactories(TorchFunctionMode):
+    """Records hf_babai code that creates a non-scalar tensor without naming a device: on a CUDA model such a
+    tensor lands on the CPU and the next op mixing it with the layer's tensors fails (or copies silently)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") in _FACTORIES and "device" not in kwargs and out.dim() > 0:
+            frame = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/hf_babai/" in f.filename or
+                         "site-packages" in f.filename or "/tests/" in f.filename)  # fmt: skip
+            name = Path(frame.filename).name
+            if "/hf_babai/" in frame.filename and (name, frame.name) not in _CPU_BY_DESIGN:
+                self.sites.add(f"{name}:{frame.lineno} {frame.line}")
+        return out
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, group_size=32),
+        QuantSpec(bits=3, group_size=32, sym=False, scale_method="hmse"),
+        QuantSpec(bits=2, group_size=32, true_sequential=False),
+        QuantSpec(bits=3, group_size=32, beams=4),
+        QuantSpec(bits=4, group_size=32, refine_sweeps=1, rescale=True),
+        QuantSpec(format="ssqr", bits=3, group_size=32, outlier_rate=0.01),
+        QuantSpec(format="hptq", target_bpw=3.125),
+        QuantSpec(method="rtn", bits=4, group_size=32),
+    ],
+    ids=["int4", "int3-asym-hmse", "int2-two-pass", "kbest", "refine", "ssqr", "hptq", "rtn"],
+)
+def test_quantizing_creates_every_tensor_on_the_layers_device(spec):
+    """The engine, solver and formats never run on a GPU in CI; what would break there first is a tensor made on
+    the default (CPU) device next to the layer's CUDA tensors. Every factory call must name its device."""
+    model = tiny_llama()
+    scan = _DevicelessFactories()
+    with scan:
+        quantize_model(model, spec, None if spec.method == "rtn" else calib(), progress=False)
+        model(calib(1))
+    assert not scan.sites, "tensors created without a device:\n" + "\n".join(sorted(scan.sites))

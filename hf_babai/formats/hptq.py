@@ -113,7 +113,7 @@ class HuffmanLinear(nn.Module):
         n, k = linear.out_features, linear.in_features
         if tuple(codes.shape) != (n, k):
             raise ValueError(f"codes shape {list(codes.shape)} does not match the linear's weight [out, in] = {[n, k]}")
-        s16 = torch.tensor([scale], dtype=torch.float16)
+        s16 = torch.tensor([scale], dtype=torch.float16, device=linear.weight.device)
         if not torch.isfinite(s16).all() or float(s16) <= 0:
             raise ValueError(f"scale={scale} must be positive and representable in float16")
         enc = encode(codes, max_len, chunk)

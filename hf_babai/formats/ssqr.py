@@ -109,7 +109,7 @@ class SSQRLinear(BabaiLinear):
         with torch.no_grad():
             for name, buf in base.state_dict().items():
                 getattr(module, name).copy_(buf)
-            rowptr = torch.zeros(n + 1, dtype=torch.int64)
+            rowptr = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
             rowptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
             module.outlier_rowptr.copy_(rowptr)
             module.outlier_cols.copy_(cols.to(module.outlier_cols.dtype))

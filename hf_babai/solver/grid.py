@@ -164,7 +164,7 @@ def compute_scales(
     xmin, xmax = wg.amin(-1), wg.amax(-1)
     scale, zero = _params_from_range(xmin, xmax, grid)
     if method in ("mse", "hmse"):
-        shrink = 1.0 - torch.arange(int(max_shrink * steps), dtype=torch.float32) / steps  # [P]
+        shrink = 1.0 - torch.arange(int(max_shrink * steps), dtype=torch.float32, device=w.device) / steps  # [P]
         flat_w = wg.reshape(-1, wg.shape[-1])  # [N·G, g]
         if col_weight is not None:
             cw = _grouped(col_weight.float().reshape(1, -1), grid)  # [1, G, g]; padded columns weigh 0

@@ -64,7 +64,7 @@ def pivoted_cholesky(
         for i in range(nb):
             p = int(pick(sel))
             if float(d[p]) <= tol:
-                order = torch.cat([*taken, rem[torch.tensor(picks, dtype=torch.long)], rem[~chosen]])
+                order = torch.cat([*taken, rem[torch.tensor(picks, dtype=torch.long, device=rem.device)], rem[~chosen]])
                 return order, k
             piv = torch.sqrt(d[p])
             col = (work[p] - panel[:i].T @ panel[:i, p]) / piv
