@@ -116,3 +116,14 @@ def test_bad_inputs_name_the_problem():
         hf.decode_buffers(enc.stream, enc.offsets[:1], enc.symbols, enc.lengths, enc.shape, enc.chunk, enc.max_len)
     with pytest.raises(ValueError, match="Kraft"):
         hf.decode_table(torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1, 1, 1], dtype=torch.uint8), 4)
+
+
+@pytest.mark.parametrize("spread", [3, 70_000, 1 << 23])
+def test_linear_time_histogram_equals_numpy_unique(spread):
+    """The bincount histogram behind encode() is np.unique exactly, on narrow ranges and on the sort fallback."""
+    from hf_babai.formats.huffman import _histogram
+
+    rng = np.random.default_rng(spread)
+    flat = np.concatenate([rng.integers(-spread, spread, 5000), [-spread, spread - 1]]).astype(np.int64)
+    for got, want in zip(_histogram(flat), np.unique(flat, return_inverse=True, return_counts=True), strict=True):
+        assert got.dtype.kind == want.dtype.kind and np.array_equal(got, want.reshape(got.shape))
