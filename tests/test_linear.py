@@ -192,3 +192,23 @@ def test_extra_repr() -> None:
     text = repr(layer)
     for part in ("in_features=64", "out_features=8", "bits=3", "group_size=32", "sym=False", "bias=False"):
         assert part in text
+
+
+def test_weight_stand_in_answers_shape_and_dtype_and_protects_the_codes() -> None:
+    """Model code written for nn.Linear touches ``.weight`` (transformers re-initialises GPT-style ``c_proj.weight``
+    on every load): it gets the dense shape and dtype, its init calls are skipped, and the stored codes never
+    change, whatever is done to the stand-in."""
+    from transformers import initialization as hf_init
+
+    lin = nn.Linear(64, 8, bias=False, dtype=torch.bfloat16)
+    codes = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(0))
+    layer = BabaiLinear.from_linear(lin, codes, torch.full((8, 2), 2.0**-6), None, 4, 32, True)
+    before = {k: v.clone() for k, v in layer.packed_buffers().items()}
+    w = layer.weight
+    assert w.shape == (8, 64) and w.dtype == torch.bfloat16 and w.is_meta
+    hf_init.normal_(layer.weight, std=1.0)  # what _init_weights does on reload
+    layer.weight.data.normal_()  # and what older model code does directly
+    assert all(torch.equal(before[k], v) for k, v in layer.packed_buffers().items())
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in layer.state_dict()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        layer.weight.sum().item()  # values are never served from the stand-in

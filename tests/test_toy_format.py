@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 import hf_babai
-from hf_babai.formats import QuantFormat, format_names, format_of, model_bits_per_weight, register_format
+from hf_babai.formats import (
+    QuantFormat,
+    QuantizedLinear,
+    format_names,
+    format_of,
+    model_bits_per_weight,
+    register_format,
+)
 from hf_babai.formats import registry as format_registry
 from hf_babai.solver import Grid, LayerStats, QuantResult, babai_quantize, compute_scales, dequantize, rtn_quantize
 from hf_babai.spec import QuantSpec, settings
@@ -29,7 +36,7 @@ from .test_hf import IDS, X, tiny  # noqa: F401 - tiny is a fixture
 GRID = Grid(8, True, -1)
 
 
-class Toy8Linear(nn.Module):
+class Toy8Linear(QuantizedLinear):
     """``W[n, k] = scale[n] · (codes[n, k] − 128)``."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, device=None) -> None:

@@ -28,6 +28,7 @@ from .packing import (
 )
 from .registry import (
     QuantFormat,
+    QuantizedLinear,
     format_names,
     format_of,
     get_format,
@@ -46,6 +47,7 @@ __all__ = [
     "IntFormat",
     "Plane",
     "QuantFormat",
+    "QuantizedLinear",
     "SSQRFormat",
     "SSQRLinear",
     "bit_planes",

@@ -33,7 +33,7 @@ from ..solver.babai import HessianFactor
 from ..solver.entropy import EntropyResult, entropy_quantize
 from .huffman import DEFAULT_CHUNK, DEFAULT_MAX_LEN, coded_bits, decode_buffers, encode, huffman_lut, split_offsets
 from .kernel_ops import huffman_matmul, select_backend
-from .registry import QuantFormat, register_format
+from .registry import QuantFormat, QuantizedLinear, register_format
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -43,7 +43,7 @@ __all__ = ["HPTQFormat", "HuffmanLinear"]
 _BUFFERS = ("stream", "offsets", "symbols", "lengths", "scale")
 
 
-class HuffmanLinear(nn.Module):
+class HuffmanLinear(QuantizedLinear):
     """Linear layer with an entropy-coded weight ``W = scale · Z`` (``Z`` int32, unbounded).
 
     Attributes: ``in_features``, ``out_features``, ``chunk`` and ``max_len`` (coder parameters),

@@ -30,7 +30,7 @@ from .compressed_tensors import ct_tensors
 from .gptq import gptq_tensors
 from .kernel_ops import dense_matmul, select_backend
 from .packing import bit_planes, dequantize_packed, pack_weight, packed_buffer_specs
-from .registry import QuantFormat, register_format
+from .registry import QuantFormat, QuantizedLinear, register_format
 
 if TYPE_CHECKING:
     from ..spec import QuantSpec
@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "BabaiLinear", "IntFormat"]
 DEFAULT_CHUNK_SIZE = 4096
 
 
-class BabaiLinear(nn.Module):
+class BabaiLinear(QuantizedLinear):
     """Linear layer with a ``bits``-bit grouped quantized weight in canonical packed form.
 
     Attributes: ``in_features``, ``out_features``, ``bits``, ``group_size``, ``sym``,

@@ -27,6 +27,29 @@ if TYPE_CHECKING:  # the spec imports this module, never the other way round at 
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+class QuantizedLinear(nn.Module):
+    """Base of every format's module: what they share towards code written for ``nn.Linear``.
+
+    Model code written for dense layers touches ``.weight`` of modules it believes are Linears: transformers'
+    ``_init_weights`` re-initialises ``c_proj.weight`` of GPT-style blocks on every load, and forwards read
+    ``.weight.dtype``. A quantized module has no dense weight, so ``weight`` answers with a stand-in: a tensor on
+    the meta device with the dense weight's shape and compute dtype, flagged ``_is_hf_initialized``. Shape and
+    dtype questions get the right answer; transformers' init functions skip it; an in-place write lands on a
+    tensor that holds no data and is thrown away, so it can never change the stored codes; reading values from
+    it fails loudly (meta tensors have none). The stored weight is only ever reached through the format
+    (``dequantize``, ``packed_buffers``)."""
+
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        stand_in = torch.empty((self.out_features, self.in_features), dtype=self.compute_dtype, device="meta")
+        stand_in._is_hf_initialized = True
+        return stand_in
+
+
 class QuantFormat:
     """One storage format. Subclasses set the class attributes and implement the methods that raise here.
 
@@ -132,6 +155,11 @@ def register_format(cls: type[QuantFormat]) -> type[QuantFormat]:
     taken = _REGISTRY.get(cls.name)
     if taken is not None and type(taken) is not cls:
         raise ValueError(f"format {cls.name!r} is already registered by {type(taken).__name__}")
+    if not (isinstance(cls.module, type) and issubclass(cls.module, QuantizedLinear)):
+        raise ValueError(
+            f"{cls.__name__}.module must be a subclass of hf_babai.formats.QuantizedLinear (model code touches "
+            f"'.weight' of the layers it replaces), got {cls.module!r}"
+        )
     if any(f.module is cls.module and f.name != cls.name for f in _REGISTRY.values()):
         raise ValueError(f"{cls.module.__name__} already belongs to another format")
     _REGISTRY[cls.name] = cls()

@@ -105,7 +105,7 @@ def check_checkpoint(model: nn.Module, modules: dict[str, nn.Module], files: lis
     keys) every other persistent tensor that is not tied is present."""
     if not files:
         return
-    header = _read_headers([str(f) for f in files])
+    header = _as_loaded(model, _read_headers([str(f) for f in files]))
     problems: list[str] = []
     for name, mod in modules.items():
         specs = format_of(mod).tensors(mod)
@@ -134,16 +134,27 @@ def check_checkpoint(model: nn.Module, modules: dict[str, nn.Module], files: lis
         )
 
 
-def _missing_dense(model: nn.Module, header: dict, quantized: set[str]) -> list[str]:
-    """Non-quantized tensors absent from the checkpoint (skipped for architectures whose checkpoint keys are
-    renamed on load, where names cannot be compared directly)."""
+def _as_loaded(model: nn.Module, header: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's tensors under the names they load into. transformers 5 renames keys between disk and memory
+    for many architectures (GPT-NeoX's ``embed_out`` is ``lm_head`` in memory; vision-language models keep
+    ``model.layers`` on disk for ``model.language_model.layers``); ``save_pretrained`` applies the reverse. The same
+    conversion transformers loads with is applied here, so the check compares like with like. A key that several
+    checkpoint tensors fuse into (a converter merging experts) appears once."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # pragma: no cover - transformers without key conversion: names are compared as they are
+        return header
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    in_memory = dict.fromkeys(model.state_dict(), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return {rename_source_key(k, renamings, converters, prefix, in_memory)[0]: v for k, v in header.items()}
 
-        if get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)):
-            return []
-    except ImportError:  # pragma: no cover - older transformers
-        return []
+
+def _missing_dense(model: nn.Module, header: dict, quantized: set[str]) -> list[str]:
+    """Non-quantized tensors absent from the checkpoint (``header`` already under in-memory names)."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     return [
         f"{k} is missing"
