@@ -128,6 +128,43 @@ def test_linear_called_twice_falls_back_to_two_pass():
     assert records[0].tokens == 40
 
 
+class _PositionalBlock(nn.Module):
+    """A block whose model passes its mask and a second stream positionally (CPM-Ant, XLNet, RecurrentGemma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, *, shift: float = 0.0) -> torch.Tensor:
+        return x + self.proj(x) * scale + shift
+
+
+class _PositionalModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.layers = nn.ModuleList([_PositionalBlock(), _PositionalBlock()])
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        x = self.emb(input_ids)
+        scale = torch.linspace(0.5, 1.5, x.shape[1])[None, :, None]
+        for layer in self.layers:
+            x = layer(x, scale, shift=0.25)
+        return x
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_arguments_a_model_passes_positionally_reach_the_replayed_block(true_sequential):
+    """Blocks are replayed as block(hidden, **kwargs): positional arguments are bound to their names (they used to
+    be dropped, and the replay failed with a missing argument), keyword arguments are kept."""
+    torch.manual_seed(0)
+    model, ids = _PositionalModel(), torch.randint(0, 32, (4, 10))
+    spec = QuantSpec(bits=4, group_size=16, true_sequential=true_sequential)
+    records = quantize_model(model, spec, ids, progress=False)
+    assert len(records) == 2 and all(isinstance(b.proj, BabaiLinear) for b in model.layers)
+    assert all(r.tokens == 40 for r in records)
+
+
 @pytest.mark.parametrize(
     ("spec", "batch_size", "one_pass"),
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 
 import torch
 from torch import nn
@@ -107,9 +108,8 @@ def capture_block_inputs(
     (hidden states on CPU; the kwargs such as rotary embeddings and the causal mask as given)."""
     store: list[tuple[torch.Tensor, dict]] = []
 
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, kwargs = _by_name(mod, args, kwargs)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         kwargs.pop("past_key_values", None)
@@ -131,6 +131,35 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return store
+
+
+def _by_name(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """The hidden states and every other argument of a block call, by parameter name. Blocks are replayed as
+    ``block(hidden, **kwargs)``, so arguments the model passed positionally (CPM-Ant's attention mask,
+    RecurrentGemma's position ids, XLNet's second stream) are bound to their names here rather than lost."""
+    sig = inspect.signature(block.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:  # a signature that does not describe the call (a wrapped forward): keep what we were given
+        if not args:
+            return kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return args[0], dict(kwargs)
+    params = sig.parameters
+    named: dict = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise ValueError(
+                    f"{type(block).__name__}.forward takes *{name} and was called with {len(value)} extra positional "
+                    "arguments: hf_babai cannot replay such a block by name; please report the architecture"
+                )
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    first = next(iter(params))
+    return named.pop(first), named
 
 
 def move_to(obj, device: torch.device):
