@@ -319,3 +319,17 @@ def test_quantizing_creates_every_tensor_on_the_layers_device(spec):
         quantize_model(model, spec, None if spec.method == "rtn" else calib(), progress=False)
         model(calib(1))
     assert not scan.sites, "tensors created without a device:\n" + "\n".join(sorted(scan.sites))
+
+
+def test_linear_subclasses_with_their_own_forward_stay_float():
+    """A router that subclasses nn.Linear but returns top-k scores (Llama 4, PhiMoE) is not a Linear to replace:
+    it stays float; plain Linears and subclasses known to compute x @ Wᵀ + b (Falcon's) are quantized."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.models.llama4.configuration_llama4 import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    from hf_babai.engine import target_linears
+
+    cfg = Llama4TextConfig(hidden_size=16, num_local_experts=4, num_experts_per_tok=2)
+    block = nn.ModuleDict({"router": Llama4Router(cfg), "proj": nn.Linear(16, 16), "falcon": FalconLinear(16, 16)})
+    assert sorted(target_linears(block, ())) == ["falcon", "proj"]

@@ -18,6 +18,20 @@ from tqdm.auto import tqdm
 
 from ..formats import format_of
 
+# nn.Linear subclasses whose forward is still x @ Wᵀ + b (written out by hand), so a quantized module may replace
+# them. Any other subclass that overrides forward computes something else around its weight (Llama 4's and
+# PhiMoE's routers return top-k scores, DeepSeek-V4's grouped projection splits its input, Ergo's logits are fp32)
+# and stays float: replacing it with a plain quantized Linear would silently change the model.
+LINEAR_EQUIVALENT = frozenset({"FalconLinear"})
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` whose forward a quantized Linear reproduces."""
+    if not isinstance(module, nn.Linear):
+        return False
+    cls = type(module)
+    return cls.forward is nn.Linear.forward or cls.__name__ in LINEAR_EQUIVALENT
+
 
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are stored."""
@@ -31,7 +45,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(m) for m in mod}) != 1:
             continue
-        n_lin = sum(isinstance(x, nn.Linear) for x in mod.modules())
+        n_lin = sum(is_plain_linear(x) for x in mod.modules())
         if n_lin and (best is None or n_lin > best[0]):
             best = (n_lin, name, mod)
     if best is None:
@@ -48,7 +62,7 @@ def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") ->
     out = {}
     for n, m in block.named_modules():
         full = f"{prefix}.{n}" if prefix else n
-        if isinstance(m, nn.Linear) and format_of(m) is None and not any(s in full for s in skip):
+        if is_plain_linear(m) and format_of(m) is None and not any(s in full for s in skip):
             out[n] = m
     return out
 
