@@ -37,10 +37,38 @@ class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are stored."""
 
 
+def _language_model(model: nn.Module) -> str:
+    """The dotted name of the module holding the language model's blocks ("" for the whole model). transformers'
+    ``get_decoder()`` names it for vision-language models (``model.language_model``), whose vision tower may hold
+    more Linears than the decoder; the vision tower and projector then stay float."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if get_decoder is None:
+        return ""
+    try:
+        decoder = get_decoder()
+    except Exception:  # models without a decoder rule raise: search the whole model
+        return ""
+    return next((name for name, mod in model.named_modules() if mod is decoder), "")
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules holding the most Linears."""
+    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules holding the most Linears, inside the
+    language model (:func:`_language_model`) when the model names one."""
+    root = _language_model(model)
+    found = _largest_block_list(model, root) or (_largest_block_list(model, "") if root else None)
+    if found is None:
+        raise ValueError(
+            "no decoder block list found: expected an nn.ModuleList of identical blocks containing nn.Linear "
+            "layers (e.g. model.model.layers)"
+        )
+    return found
+
+
+def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList] | None:
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
+        if root and not name.startswith(root + "."):
+            continue
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
             continue
         if len({type(m) for m in mod}) != 1:
@@ -48,12 +76,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         n_lin = sum(is_plain_linear(x) for x in mod.modules())
         if n_lin and (best is None or n_lin > best[0]):
             best = (n_lin, name, mod)
-    if best is None:
-        raise ValueError(
-            "no decoder block list found: expected an nn.ModuleList of identical blocks containing nn.Linear "
-            "layers (e.g. model.model.layers)"
-        )
-    return best[1], best[2]
+    return None if best is None else (best[1], best[2])
 
 
 def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") -> dict[str, nn.Linear]:

@@ -31,13 +31,13 @@ class QuantizedLinear(nn.Module):
     """Base of every format's module: what they share towards code written for ``nn.Linear``.
 
     Model code written for dense layers touches ``.weight`` of modules it believes are Linears: transformers'
-    ``_init_weights`` re-initialises ``c_proj.weight`` of GPT-style blocks on every load, and forwards read
-    ``.weight.dtype``. A quantized module has no dense weight, so ``weight`` answers with a stand-in: a tensor on
-    the meta device with the dense weight's shape and compute dtype, flagged ``_is_hf_initialized``. Shape and
-    dtype questions get the right answer; transformers' init functions skip it; an in-place write lands on a
-    tensor that holds no data and is thrown away, so it can never change the stored codes; reading values from
-    it fails loudly (meta tensors have none). The stored weight is only ever reached through the format
-    (``dequantize``, ``packed_buffers``)."""
+    ``_init_weights`` re-initialises ``c_proj.weight`` of GPT-style blocks on every load, and some forwards read a
+    projection's weight instead of calling it (Mamba's ``dt_proj.weight @ x``). A quantized module has no dense
+    weight parameter, so ``weight`` answers with a fresh dense copy: the dequantized weight in the compute dtype
+    (on the meta device while a checkpoint is being loaded), flagged ``_is_hf_initialized`` so transformers' init
+    functions skip it. Reads get the true values; a write lands on the copy and is thrown away, so nothing done to
+    ``.weight`` can change the stored codes. Each access dequantizes: fine for init and for small projections,
+    slow if a model reads a large weight on every step (the quantized module's own forward never does)."""
 
     in_features: int
     out_features: int
@@ -45,9 +45,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        stand_in = torch.empty((self.out_features, self.in_features), dtype=self.compute_dtype, device="meta")
-        stand_in._is_hf_initialized = True
-        return stand_in
+        dense = self.dequantize(self.compute_dtype).detach()
+        dense._is_hf_initialized = True
+        return dense
 
 
 class QuantFormat:
