@@ -333,3 +333,32 @@ def test_linear_subclasses_with_their_own_forward_stay_float():
     cfg = Llama4TextConfig(hidden_size=16, num_local_experts=4, num_experts_per_tok=2)
     block = nn.ModuleDict({"router": Llama4Router(cfg), "proj": nn.Linear(16, 16), "falcon": FalconLinear(16, 16)})
     assert sorted(target_linears(block, ())) == ["falcon", "proj"]
+
+
+def test_conv1d_blocks_are_quantized_as_transposed_linears(tmp_path):
+    """GPT-2's Conv1D (x @ W + b, W stored [in, out]) is quantized as the Linear with Wᵀ; the checkpoint reloads
+    into GPT2LMHeadModel with identical logits."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from hf_babai import BabaiConfig
+    from hf_babai.engine import linearize_conv1d
+
+    cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    block = model.transformer.h[0]
+    x = torch.randn(2, 5, 64)
+    ref = block.mlp.c_fc(x)
+    linearize_conv1d(block)
+    assert type(block.mlp.c_fc) is nn.Linear and torch.allclose(block.mlp.c_fc(x), ref, atol=1e-6)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "float")
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=BabaiConfig(bits=4, group_size=16, dataset=calib())
+    )
+    assert sum(isinstance(m, BabaiLinear) for m in q.modules()) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert q.transformer.h[1].attn.c_attn.in_features == 64 and q.transformer.h[1].attn.c_attn.out_features == 192
+    q.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(again) is GPT2LMHeadModel
+    with torch.no_grad():
+        assert torch.equal(again(calib(2)).logits, q(calib(2)).logits)

@@ -21,6 +21,8 @@ from .blocks import (
     capture_block_inputs,
     execution_device,
     find_blocks,
+    linear_dims,
+    linearize_conv1d,
     onload_block,
     quantizable_linears,
     release_freed_memory,
@@ -47,6 +49,7 @@ __all__ = [
     "execution_device",
     "find_blocks",
     "layer_damping",
+    "linear_dims",
     "model_bits_per_weight",
     "onload_block",
     "quantizable_linears",
@@ -103,6 +106,7 @@ def quantize_model(
     for b in bar:
         block = blocks[b]
         onload_block(block)
+        linearize_conv1d(block)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
         del linears  # the float Linears: freed below with the block's Hessians and factors

@@ -33,6 +33,41 @@ def is_plain_linear(module: nn.Module) -> bool:
     return cls.forward is nn.Linear.forward or cls.__name__ in LINEAR_EQUIVALENT
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, OpenAI-GPT, GPT-SW3): ``x @ W + b`` with ``W`` stored ``[in, out]``, a
+    Linear with its weight transposed (recognised by name and shape: the engine does not import transformers)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return is_plain_linear(module) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or a Conv1D."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def linearize_conv1d(block: nn.Module) -> None:
+    """Replaces every Conv1D of ``block`` by the ``nn.Linear`` computing the same (weight transposed), so the
+    engine quantizes it like any Linear; the quantized module then stands where the Conv1D stood, which is also
+    where the loader puts it when the checkpoint is reloaded into the original class."""
+    for name, mod in list(block.named_modules()):
+        if not is_conv1d(mod):
+            continue
+        n_in, n_out = linear_dims(mod)
+        w = mod.weight
+        lin = nn.Linear(n_in, n_out, bias=mod.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().T)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias.detach())
+        replace_module(block, name, lin)
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's inputs are stored."""
 
@@ -73,7 +108,7 @@ def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList
             continue
         if len({type(m) for m in mod}) != 1:
             continue
-        n_lin = sum(is_plain_linear(x) for x in mod.modules())
+        n_lin = sum(is_quantizable(x) for x in mod.modules())
         if n_lin and (best is None or n_lin > best[0]):
             best = (n_lin, name, mod)
     return None if best is None else (best[1], best[2])
@@ -85,7 +120,7 @@ def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") ->
     out = {}
     for n, m in block.named_modules():
         full = f"{prefix}.{n}" if prefix else n
-        if is_plain_linear(m) and format_of(m) is None and not any(s in full for s in skip):
+        if is_quantizable(m) and format_of(m) is None and not any(s in full for s in skip):
             out[n] = m
     return out
 
@@ -216,8 +251,10 @@ def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]], device:
         return [_hidden(block(h.to(device), **move_to(kw, device))).detach().cpu() for h, kw in inputs]
 
 
-def _hidden(out: torch.Tensor | tuple) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+def _hidden(out: torch.Tensor | tuple | list) -> torch.Tensor:
+    """A block's output hidden states: the tensor itself, or the first item of the tuple/list/ModelOutput it
+    returns (OpenAI-GPT's blocks return a list)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from ..engine import quantizable_linears, quantize_model, replace_module
+from ..engine import linear_dims, quantizable_linears, quantize_model, replace_module
 from ..formats import format_names, format_of, get_format, quantized_modules
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
@@ -68,7 +68,7 @@ def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[s
     for name, lin in linears.items():
         sizes = cfg.layers[name] if fmt.sized_by_data else None
         common = {"bias": lin.bias is not None, "dtype": lin.weight.dtype, "device": lin.weight.device}
-        new[name] = fmt.empty(lin.in_features, lin.out_features, spec, sizes, **common)
+        new[name] = fmt.empty(*linear_dims(lin), spec, sizes, **common)
         replace_module(model, name, new[name])
     if not new:
         raise ValueError(
