@@ -150,7 +150,16 @@ def _as_loaded(model: nn.Module, header: dict[str, Any]) -> dict[str, Any]:
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     in_memory = dict.fromkeys(model.state_dict(), True)
     prefix = getattr(model, "base_model_prefix", None) or None
-    return {rename_source_key(k, renamings, converters, prefix, in_memory)[0]: v for k, v in header.items()}
+    out: dict[str, Any] = {}
+    for key, value in header.items():
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, in_memory)
+        out[renamed] = value
+        if pattern is None:
+            continue
+        targets = next(c.target_patterns for c in converters if pattern in c.source_patterns)
+        for other in targets[1:]:  # a split (fused q/k/v on disk, separate in memory): every part is present
+            out[renamed.replace(targets[0], other)] = value
+    return out
 
 
 def _missing_dense(model: nn.Module, header: dict, quantized: set[str]) -> list[str]:
