@@ -1,0 +1,347 @@
+"""Tiny random models of every causal-LM architecture in the installed transformers, and the round trip that
+decides whether hf_babai supports each: quantize on load → ``save_pretrained`` → plain ``from_pretrained`` →
+equal logits, with no decoder weight left in float outside the keep-list.
+
+Configs are shrunk generically: every size field a config class declares (hidden size, layers, heads, experts,
+state sizes, ... under any of the names transformers uses) is passed small to its constructor, so derived fields
+(``layer_types``, head dims) follow; composite configs (``text_config``, ``vision_config``) are shrunk the same
+way. ``python -m integration_tests.architectures [ARCH ...] [--write]`` prints one JSON line per architecture; with
+``--write`` it records the outcomes in ``architectures_expected.json`` and regenerates ``docs/architectures.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import re
+import signal
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Size fields under every name transformers' configs use, and the tiny value each gets when the class has it.
+TINY: dict[str, Any] = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "model_dim"), 64),
+    **dict.fromkeys(
+        (
+            "intermediate_size",
+            "n_inner",
+            "ffn_dim",
+            "d_ff",
+            "ffn_hidden_size",
+            "mlp_hidden_size",
+            "decoder_ffn_dim",
+            "encoder_ffn_dim",
+            "d_inner",
+            "intermediate_dim",
+        ),
+        128,
+    ),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers"), 2),
+    **dict.fromkeys(
+        ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads", "encoder_attention_heads"),
+        4,
+    ),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("vocab_size",), 512),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"), 256),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"), 2),
+    **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size"), 32),
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "depth": 2,
+    "first_k_dense_replace": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    **dict.fromkeys(("state_size", "ssm_state_size", "mamba_d_state", "d_state"), 8),
+    **dict.fromkeys(("time_step_rank",), 8),
+    **dict.fromkeys(("sliding_window", "attention_window", "local_window_size"), 32),
+    **dict.fromkeys(("pad_token_id",), 0),
+    **dict.fromkeys(("bos_token_id",), 1),
+    **dict.fromkeys(("eos_token_id",), 2),
+    "rotary_dim": 8,
+}
+# Shrinking profiles tried in turn until the float model runs: the tiny one, then one keeping 128-wide heads, which
+# rotary sections and head-dim-derived fields of some configs (Qwen2-VL's mrope, MLA) are written against.
+PROFILES: tuple[dict[str, Any], ...] = (
+    {},
+    {
+        **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "model_dim"), 512),
+        **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 4),
+        "rotary_dim": 64,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "kv_lora_rank": 128,
+        "q_lora_rank": 128,
+    },
+)
+VOCAB = 512
+# Float by design inside a block: MoE routers (small and sensitive; docs/usage.md).
+KEEP_FLOAT = re.compile(r"(\.router\.|\.gate\.)(weight|bias)$|\.router\.[a-z_]*weight$")
+MAX_PARAMS = 20_000_000  # a shrunk model larger than this is a shrinking failure, not a model to run
+
+
+@dataclass
+class Outcome:
+    arch: str
+    status: str  # works | partial (float weights outside the keep-list) | refused | fails | no-tiny-model
+    step: str = ""  # where it stopped: config, build, quantize, forward, save, reload, compare
+    message: str = ""
+    float_weights: list[str] = field(default_factory=list)  # ≥2-D float tensors inside the decoder blocks
+    quantized: int = 0
+    params: int = 0
+
+
+# Any other width field a config class invents (``first_dense_intermediate_size``, ``shared_expert_dim``, ...).
+_OTHER_WIDTH = re.compile(r"(intermediate|ffn|hidden|inner|mlp|expert).*(size|dim)$|^dim_(ff|model)$")
+MAX_IN_FEATURES = 2048  # a Linear wider than this after shrinking: the solver's H would not be tiny
+
+
+def _shrink(defaults: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    sizes = {**TINY, **profile}
+    out = {k: v for k, v in sizes.items() if k in defaults and not isinstance(defaults[k], (dict, list))}
+    for k, v in defaults.items():
+        if k not in out and _OTHER_WIDTH.search(k) and isinstance(v, int) and not isinstance(v, bool) and v > 256:
+            out[k] = 128
+    return out
+
+
+def tiny_config(arch: str, profile: dict[str, Any] | None = None):
+    """The config of ``arch`` with every declared size field made tiny (sub-configs too)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[arch]
+    defaults = cls().to_dict()
+    kwargs = _shrink(defaults, profile or {})
+    for key in getattr(cls, "sub_configs", {}) or {}:
+        sub = defaults.get(key)
+        if isinstance(sub, dict):  # only the sizes (and which class): derived fields then follow them
+            kwargs[key] = {**{k: sub[k] for k in ("model_type",) if k in sub}, **_shrink(sub, profile or {})}
+    return cls(**kwargs)
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    def stop(*_):
+        raise _Timeout(f"took more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+def float_leftovers(model) -> list[str]:
+    """≥2-D floating-point parameters of the language model that are not embeddings or the LM head: weights
+    hf_babai left unquantized (the vision tower of a vision-language model is outside the language model)."""
+    from hf_babai.engine.blocks import _language_model
+
+    root = _language_model(model)
+    skip = {id(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        skip.add(id(head))
+    out = []
+    for name, mod in model.named_modules():
+        if id(mod) in skip or (root and not name.startswith(root + ".")):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.dtype.is_floating_point:
+                out.append(f"{name}.{pname}")
+    return out
+
+
+def architectures() -> dict[str, str]:
+    """Every architecture of the causal-LM and image-text-to-text mappings, with the Auto class that builds it."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    out = dict.fromkeys(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, "AutoModelForImageTextToText")
+    out.update(dict.fromkeys(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM"))
+    return dict(sorted(out.items()))
+
+
+def _tiny_model(arch: str, profile: dict[str, Any], ids: torch.Tensor):
+    """A tiny float model of ``arch`` that runs a forward, or an exception saying why not."""
+    import transformers
+
+    cfg = tiny_config(arch, profile)
+    auto = getattr(transformers, architectures()[arch])
+    with torch.device("meta"):  # sized before any memory is spent on it
+        model = auto.from_config(cfg, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    if params > MAX_PARAMS or widest > MAX_IN_FEATURES:
+        raise ValueError(f"{params} parameters, Linears up to {widest} inputs after shrinking")
+    torch.manual_seed(0)
+    model = auto.from_config(cfg, dtype=torch.float32)
+    _logits(model, ids[:2, :16])
+    return model
+
+
+def _loader(arch: str, model):
+    """The Auto class users load ``arch`` with, or the model's own class where the Auto class does not map its
+    config (Emu3's and Mllama's text configs): the class that ``save_pretrained``'s key conversion matches."""
+    import transformers
+
+    auto = getattr(transformers, architectures()[arch])
+    return auto if type(model.config) in auto._model_mapping else type(model)
+
+
+def round_trip(arch: str, seconds: int = 120) -> Outcome:
+    """Quantize on load, save, reload, compare logits; the outcome says where and why it stopped."""
+    import hf_babai
+    from hf_babai.engine import find_blocks
+    from hf_babai.formats import quantized_modules
+
+    out = Outcome(arch, "fails")
+    step = "config"
+    try:
+        with _deadline(seconds), tempfile.TemporaryDirectory() as tmp:
+            ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+            model, why = None, ""
+            for profile in PROFILES:  # a shrunk config the model itself cannot run is the harness's failure
+                try:
+                    model = _tiny_model(arch, profile, ids)
+                    break
+                except _Timeout:
+                    raise
+                except Exception as exc:
+                    why = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            if model is None:
+                return Outcome(arch, "no-tiny-model", "config", why)
+            cls = _loader(arch, model)
+            out.params = sum(p.numel() for p in model.parameters())
+            step = "blocks"
+            find_blocks(model)
+            model.save_pretrained(f"{tmp}/float")
+            del model
+            step = "quantize"
+            qcfg = hf_babai.BabaiConfig(bits=4, group_size=16, dataset=ids)
+            model = cls.from_pretrained(f"{tmp}/float", quantization_config=qcfg, dtype=torch.float32)
+            out.quantized = sum(1 for _ in quantized_modules(model))
+            out.float_weights = float_leftovers(model)
+            step = "forward"
+            x = ids[:2, :16]
+            ref = _logits(model, x)
+            step = "save"
+            model.save_pretrained(f"{tmp}/q")
+            step = "reload"
+            again = cls.from_pretrained(f"{tmp}/q")
+            step = "compare"
+            got = _logits(again, x)
+            if not torch.equal(got, ref):
+                out.message = f"reloaded logits differ (max {float((got - ref).abs().max()):.3g})"
+                out.step = step
+                return out
+            out.status = "partial" if [w for w in out.float_weights if not KEEP_FLOAT.search(w)] else "works"
+    except Exception as exc:
+        out.step = step
+        out.message = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+        refused = isinstance(exc, (ValueError, NotImplementedError)) and "/hf_babai/" in traceback.format_exc()
+        if step in ("blocks", "quantize") and refused:
+            out.status = "refused"
+    finally:
+        gc.collect()
+    return out
+
+
+EXPECTED = Path(__file__).with_name("architectures_expected.json")
+TABLE = Path(__file__).parents[1] / "docs" / "architectures.md"
+STATUS_TEXT = {
+    "works": "works",
+    "partial": "works, some weights float",
+    "refused": "refused",
+    "fails": "fails (known)",
+    "no-tiny-model": "not tested",
+}
+
+
+def summary(outcome: Outcome) -> dict[str, Any]:
+    """What the expectations record of an outcome: status, step, and the float weights as per-block patterns."""
+    floats = sorted({re.sub(r"\.\d+\.", ".N.", w) for w in outcome.float_weights})
+    return {"status": outcome.status, "step": outcome.step, "float": floats, "message": outcome.message}
+
+
+def write_table(expected: dict[str, dict[str, Any]], path: Path = TABLE) -> None:
+    """docs/architectures.md from the recorded outcomes."""
+    counts = {s: sum(1 for e in expected.values() if e["status"] == s) for s in STATUS_TEXT}
+    lines = [
+        "# Architectures",
+        "",
+        "Every architecture of the installed transformers' causal-LM and image-text-to-text mappings, as a tiny random",
+        "model (its config class with every size field shrunk), through quantize on load → `save_pretrained` → plain",
+        "`from_pretrained` → identical logits. Generated by `python -m integration_tests.architectures --write`",
+        "(the test `integration_tests/test_architectures.py` checks every row; `-m arch_matrix` runs them all).",
+        "",
+        f"Of {len(expected)} architectures: **{counts['works']} work**; {counts['partial']} work with some weights "
+        f"left float (listed); refused with a message: {counts['refused']}; failing (known, listed): "
+        f"{counts['fails']}; not tested: {counts['no-tiny-model']}, where no tiny model could be built from the "
+        "config class alone (the reason is given: a validator, a required image input, a size the shrinking "
+        "cannot reach).",
+        "",
+        "What stays float by design: embeddings, the LM head, norms, MoE routers (`gate`/`router`), vision towers and",
+        "projectors of vision-language models (only the language model is quantized), and state-space parameters",
+        "(`A_log`, `D`, `conv1d`). Fused 3-D expert weights (`experts.gate_up_proj`, `experts.down_proj`) are not yet",
+        "quantized: the MoE work will change those rows.",
+        "",
+        "| architecture | status | float inside the blocks / reason |",
+        "|---|---|---|",
+    ]
+    for arch, e in expected.items():
+        detail = ", ".join(f"`{f}`" for f in e["float"]) if e["status"] in ("works", "partial") else e["message"]
+        detail = detail.replace("|", "\\|")
+        lines.append(f"| {arch} | {STATUS_TEXT[e['status']]} | {detail} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    write = "--write" in argv
+    archs = [a for a in argv if not a.startswith("--")] or list(architectures())
+    results = {}
+    for arch in archs:
+        outcome = round_trip(arch)
+        results[arch] = summary(outcome)
+        print(json.dumps(asdict(outcome)), flush=True)
+    if write:
+        expected = json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {}
+        expected.update(results)
+        expected = {a: expected[a] for a in sorted(expected) if a in architectures()}
+        EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+        write_table(expected)
+
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    main(sys.argv[1:])
