@@ -172,6 +172,30 @@ def _missing_dense(model: nn.Module, header: dict, quantized: set[str]) -> list[
     ]
 
 
+def without_quantized_converters(conversions: list | None, model: nn.Module) -> list | None:
+    """The model's key converters minus those that would rewrite a quantized module's tensors. transformers fuses or
+    splits dense weights between disk and memory (a fused ``query_key_value`` split into q/k/v on load, concatenated
+    again on save); applied to packed codes and scales that concatenation fails or corrupts them. Without the
+    converter, those tensors are saved and loaded under their in-memory names, consistently both ways."""
+    if not conversions:
+        return conversions
+    try:
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # pragma: no cover - transformers without key conversion
+        return conversions
+    keys = [f"{n}.{b}" for n, m, _ in quantized_modules(model) for b in m.packed_buffers()]
+    if not keys:
+        return conversions
+    kept = []
+    for conv in conversions:
+        if isinstance(conv, WeightConverter):
+            reverse = conv.reverse_transform()
+            if any(reverse.rename_source_key(k)[1] is not None for k in keys):
+                continue
+        kept.append(conv)
+    return kept
+
+
 class BabaiHfQuantizer(HfQuantizer):
     """transformers quantizer for ``quant_method="babai"`` (see the module docstring for the lifecycle)."""
 
@@ -193,6 +217,12 @@ class BabaiHfQuantizer(HfQuantizer):
 
     update_torch_dtype = update_dtype  # name used by older transformers
 
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """transformers' hook for the key conversions a load applies (and a later save reverses)."""
+        parent = getattr(super(), "update_weight_conversions", None)
+        conversions = parent(weight_conversions, model) if parent is not None else weight_conversions
+        return without_quantized_converters(conversions, model)
+
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             modules = replace_with_quantized_modules(model, self.quantization_config)
@@ -211,6 +241,8 @@ class BabaiHfQuantizer(HfQuantizer):
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
         self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
+        if getattr(model, "_weight_conversions", None):  # what save_pretrained will reverse
+            model._weight_conversions = without_quantized_converters(model._weight_conversions, model)
         fmt = get_format(cfg.format)
         if fmt.sized_by_data:  # the loader needs each module's sizes to allocate it before reading its tensors
             cfg.layers = {n: f.buffer_sizes(m) for n, m, f in quantized_modules(model)}
