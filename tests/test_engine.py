@@ -362,3 +362,18 @@ def test_conv1d_blocks_are_quantized_as_transposed_linears(tmp_path):
     assert type(again) is GPT2LMHeadModel
     with torch.no_grad():
         assert torch.equal(again(calib(2)).logits, q(calib(2)).logits)
+
+
+class _UnusedTowerModel(_TwiceModel):
+    """The largest block list (a tower the text forward never runs) is not the decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)) for _ in range(2)])
+
+
+def test_a_block_list_the_text_forward_never_reaches_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"never reached tower\.0, so its blocks cannot be calibrated from text"):
+        quantize_model(
+            _UnusedTowerModel(), QuantSpec(bits=4, group_size=16), torch.randint(0, 32, (2, 8)), progress=False
+        )

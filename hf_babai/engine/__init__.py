@@ -97,6 +97,12 @@ def quantize_model(
         )
     schedule = schedule_for(spec, uses_one_pass(spec, n, batch_size))
     inputs = [] if rtn else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
+    if not rtn and not inputs:
+        raise ValueError(
+            f"the model's forward on token ids never reached {blocks_name}.0, so its blocks cannot be calibrated from "
+            "text: the block list found is not the text decoder (an image encoder, say); quantize a causal LM whose "
+            "decoder blocks run on input_ids"
+        )
     masks = [None] * len(inputs) if attention_mask is None else [attention_mask[i : i + bs] for i in range(0, n, bs)]
     tokens = int(attention_mask.sum()) if attention_mask is not None else (0 if rtn else input_ids.numel())
     log.info("schedule: %s per block", schedule.name)
