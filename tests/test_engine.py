@@ -377,3 +377,41 @@ def test_a_block_list_the_text_forward_never_reaches_is_refused_by_name():
         quantize_model(
             _UnusedTowerModel(), QuantSpec(bits=4, group_size=16), torch.randint(0, 32, (2, 8)), progress=False
         )
+
+
+class _MixedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0, use_cache: bool = False) -> torch.Tensor:
+        return x + self.proj(x * scale)
+
+
+class _MixedModel(nn.Module):
+    """Hands each kind of layer its own argument, as sliding-window/full-attention models hand each its own mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = LlamaConfig(
+            num_hidden_layers=3, layer_types=["sliding_attention", "full_attention"] * 1 + ["sliding_attention"]
+        )
+        self.emb = nn.Embedding(32, 16)
+        self.layers = nn.ModuleList([_MixedBlock() for _ in range(3)])
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        x = self.emb(input_ids)
+        for kind, layer in zip(self.config.layer_types, self.layers, strict=True):
+            x = layer(x, scale=10.0 if kind == "full_attention" else 1.0, use_cache=use_cache)
+        return x
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_each_block_is_replayed_with_its_own_arguments(true_sequential):
+    """A model that mixes layer types gives block 1 other arguments than block 0: the replay must too."""
+    torch.manual_seed(0)
+    model, seen = _MixedModel(), []
+    model.layers[1].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["scale"]), with_kwargs=True)
+    spec = QuantSpec(bits=4, group_size=16, true_sequential=true_sequential)
+    quantize_model(model, spec, torch.randint(0, 32, (4, 10)), progress=False)
+    assert seen and set(seen) == {10.0}

@@ -19,10 +19,12 @@ from ..formats import model_bits_per_weight
 from ..spec import QuantSpec
 from .blocks import (
     capture_block_inputs,
+    capture_block_kwargs,
     execution_device,
     find_blocks,
     linear_dims,
     linearize_conv1d,
+    mixed_layer_types,
     onload_block,
     quantizable_linears,
     release_freed_memory,
@@ -97,6 +99,9 @@ def quantize_model(
         )
     schedule = schedule_for(spec, uses_one_pass(spec, n, batch_size))
     inputs = [] if rtn else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
+    per_block = None  # each block's own arguments, where the model hands different layers different ones
+    if not rtn and inputs and mixed_layer_types(model):
+        per_block = capture_block_kwargs(model, blocks, input_ids, attention_mask, bs)
     if not rtn and not inputs:
         raise ValueError(
             f"the model's forward on token ids never reached {blocks_name}.0, so its blocks cannot be calibrated from "
@@ -111,6 +116,8 @@ def quantize_model(
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
     for b in bar:
         block = blocks[b]
+        if per_block is not None:
+            inputs = [(h, kw) for (h, _), kw in zip(inputs, per_block[b], strict=True)]
         onload_block(block)
         linearize_conv1d(block)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")

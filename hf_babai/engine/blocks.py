@@ -182,34 +182,101 @@ def capture_block_inputs(
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden, kwargs = _by_name(mod, args, kwargs)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        store.append((hidden.detach().cpu(), kwargs))
+        store.append((hidden.detach().cpu(), _replayable(kwargs)))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = execution_device(model)
     try:
-        with torch.no_grad():
-            starts = range(0, input_ids.shape[0], batch_size)
-            for start in tqdm(starts, desc="calibration inputs", disable=not progress, leave=False):
-                batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
-                if attention_mask is not None:
-                    batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
-                with contextlib.suppress(_StopForward):
-                    model(**batch)
+        _run_batches(model, input_ids, attention_mask, batch_size, progress)
     finally:
         handle.remove()
     return store
+
+
+def _replayable(kwargs: dict) -> dict:
+    """A block call's keyword arguments as a replay needs them: no KV cache."""
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return kwargs
+
+
+def _run_batches(model, input_ids, attention_mask, batch_size: int, progress: bool = False) -> None:
+    device = execution_device(model)
+    with torch.no_grad():
+        starts = range(0, input_ids.shape[0], batch_size)
+        for start in tqdm(starts, desc="calibration inputs", disable=not progress, leave=False):
+            batch = {"input_ids": input_ids[start : start + batch_size].to(device), "use_cache": False}
+            if attention_mask is not None:
+                batch["attention_mask"] = attention_mask[start : start + batch_size].to(device)
+            with contextlib.suppress(_StopForward):
+                model(**batch)
+
+
+def mixed_layer_types(model: nn.Module) -> tuple[str, ...] | None:
+    """The distinct ``config.layer_types`` of a model whose decoder mixes kinds of layers (sliding-window and full
+    attention, linear attention, ...), or ``None``. Such a model hands each kind of layer its own arguments (its
+    own attention mask), so block 0's arguments cannot be replayed for every block."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    types = getattr(text, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or len(set(types)) < 2:
+        return None
+    return tuple(sorted(set(map(str, types))))
+
+
+def capture_block_kwargs(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    batch_size: int,
+) -> list[list[dict]]:  # fmt: skip
+    """Each block's keyword arguments for each calibration batch, as the model's own forward passes them.
+
+    The forward runs with every block's ``forward`` replaced by a recorder that returns its input unchanged, so no
+    block computes and no offloaded weight is loaded, and the last block's recorder ends the forward. A model whose
+    forward cannot run that way gets an error naming the step; its blocks are never replayed with another
+    block's arguments."""
+    found: list[list[dict]] = [[] for _ in blocks]
+    signatures = [inspect.signature(block.forward) for block in blocks]
+    saved = [block.__dict__.get("forward") for block in blocks]
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden, kw = _bind(blocks[i], signatures[i], args, kwargs)
+            found[i].append(_replayable(kw))
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        _run_batches(model, input_ids, attention_mask, batch_size)
+    except Exception as exc:
+        raise ValueError(
+            f"recording the arguments each block of this model receives failed ({type(exc).__name__}: {exc}); "
+            f"the model mixes layer types {mixed_layer_types(model)}, so block 0's arguments cannot stand in for "
+            "the others: please report the architecture"
+        ) from exc
+    finally:
+        for block, original in zip(blocks, saved, strict=True):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
+    return found
 
 
 def _by_name(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     """The hidden states and every other argument of a block call, by parameter name. Blocks are replayed as
     ``block(hidden, **kwargs)``, so arguments the model passed positionally (CPM-Ant's attention mask,
     RecurrentGemma's position ids, XLNet's second stream) are bound to their names here rather than lost."""
-    sig = inspect.signature(block.forward)
+    return _bind(block, inspect.signature(block.forward), args, kwargs)
+
+
+def _bind(block: nn.Module, sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError:  # a signature that does not describe the call (a wrapped forward): keep what we were given
