@@ -20,10 +20,11 @@ from .architectures import EXPECTED, architectures, round_trip, summary
 RECORDED = json.loads(EXPECTED.read_text())
 # The default run's sample: a plain decoder and one architecture for each root cause fixed (renamed and split
 # checkpoint keys, GPT-style weight init on reload, Conv1D, positional block arguments, a Linear subclass with its
-# own forward, a vision-language model, a forward that reads a weight directly, a fused q/k/v converter on save).
+# own forward, a vision-language model, a forward that reads a weight directly, a fused q/k/v converter on save,
+# layers of mixed kinds that each get their own arguments).
 FAST = (
     "llama", "gpt_neox", "exaone", "hrm_text", "gpt_bigcode", "gpt2", "cpmant", "llama4_text", "qwen2_vl", "mamba",
-    "param2moe",
+    "param2moe", "gemma3", "minimax",
 )  # fmt: skip
 
 

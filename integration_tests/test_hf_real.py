@@ -92,13 +92,14 @@ def test_reload_through_plain_from_pretrained_is_exact(real):
 
 def test_pipeline_generates_the_in_memory_models_greedy_text(real):
     pipe = transformers.pipeline("text-generation", model=str(real["tmp"] / "inmem"))
-    text = pipe(PROMPT, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    # 8 tokens: every step dequantizes all 210 layers on the torch path, so each token costs seconds on a CPU
+    text = pipe(PROMPT, max_new_tokens=8, do_sample=False)[0]["generated_text"]
     tok = real["tok"]
     enc = tok(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        ids = real["model"].generate(**enc, max_new_tokens=20, do_sample=False)
+        ids = real["model"].generate(**enc, max_new_tokens=8, do_sample=False)
     assert text == tok.decode(ids[0], skip_special_tokens=True)
-    assert len(text) > len(PROMPT) + 20 and text.count(" ") > 12  # real words, not one repeated token
+    assert len(text) > len(PROMPT) + 8 and text.count(" ") > 11  # real words, not one repeated token
 
 
 def test_truncated_real_checkpoint_is_refused(real, tmp_path):

@@ -415,3 +415,24 @@ def test_each_block_is_replayed_with_its_own_arguments(true_sequential):
     spec = QuantSpec(bits=4, group_size=16, true_sequential=true_sequential)
     quantize_model(model, spec, torch.randint(0, 32, (4, 10)), progress=False)
     assert seen and set(seen) == {10.0}
+
+
+def test_a_hybrid_decoder_alternating_layer_classes_is_found():
+    """Hybrid models (OLMo-hybrid, ...) alternate attention and linear-attention layer classes in one list; a list
+    of unlike modules counts as the decoder when each of them holds Linears, and never otherwise."""
+    from hf_babai.engine import find_blocks
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Attn(), Recurrent(), Attn(), Recurrent()])
+    model.misc = nn.ModuleList([nn.Linear(8, 8), nn.LayerNorm(8)] * 3)  # unlike, and not every one holds a Linear
+    assert find_blocks(model)[0] == "layers"

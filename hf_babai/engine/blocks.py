@@ -87,8 +87,9 @@ def _language_model(model: nn.Module) -> str:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules holding the most Linears, inside the
-    language model (:func:`_language_model`) when the model names one."""
+    """The decoder block list: the ``nn.ModuleList`` of ≥2 same-class modules (or of modules that each hold Linears:
+    hybrid models alternate layer classes) holding the most Linears, inside the language model
+    (:func:`_language_model`) when the model names one."""
     root = _language_model(model)
     found = _largest_block_list(model, root) or (_largest_block_list(model, "") if root else None)
     if found is None:
@@ -106,8 +107,8 @@ def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList
             continue
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
             continue
-        if len({type(m) for m in mod}) != 1:
-            continue
+        if len({type(m) for m in mod}) != 1 and not all(any(map(is_quantizable, m.modules())) for m in mod):
+            continue  # a list of unlike modules is a decoder only if each one holds Linears (a hybrid's layers)
         n_lin = sum(is_quantizable(x) for x in mod.modules())
         if n_lin and (best is None or n_lin > best[0]):
             best = (n_lin, name, mod)
