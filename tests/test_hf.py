@@ -366,3 +366,20 @@ def test_hptq_card_export_and_info(hptq, tmp_path):
     assert card.data.quantization["format"] == "hptq" and "bits" not in card.data.quantization
     with pytest.raises(ValueError, match="cannot be exported"):
         hf_babai.export(out, tmp_path / "gptq")
+
+
+def test_weight_conversion_hook_takes_both_transformers_signatures(quantized, monkeypatch):
+    """transformers 5.17 (the GPU machine's) calls update_weight_conversions(conversions), later releases
+    update_weight_conversions(conversions, model); both must work, and only the latter can filter."""
+    from transformers.core_model_loading import Chunk, WeightConverter
+    from transformers.quantizers import HfQuantizer
+
+    from hf_babai.hf.quantizer import BabaiHfQuantizer
+
+    model = quantized[0]
+    # fused on disk, split on load; its reverse (on save) would concatenate the packed q/k/v codes
+    fuse = WeightConverter("query_key_value", ["q_proj", "k_proj", "v_proj"], operations=[Chunk(dim=0)])
+    hook = BabaiHfQuantizer(BabaiConfig(bits=4, group_size=32)).update_weight_conversions
+    assert hook([fuse], model) == []
+    monkeypatch.setattr(HfQuantizer, "update_weight_conversions", lambda self, conversions: conversions)  # 5.17's
+    assert hook([fuse]) == [fuse]

@@ -17,6 +17,7 @@ hooks are implemented (plus ``_dequantize``, ``is_serializable``, ``is_trainable
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -217,11 +218,15 @@ class BabaiHfQuantizer(HfQuantizer):
 
     update_torch_dtype = update_dtype  # name used by older transformers
 
-    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
-        """transformers' hook for the key conversions a load applies (and a later save reverses)."""
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module | None = None) -> list:
+        """transformers' hook for the key conversions a load applies (and a later save reverses). transformers
+        before 5.2x calls it without the model; then nothing is filtered here, and only the filter applied after
+        quantizing (``_process_model_after_weight_loading``) protects the packed tensors."""
         parent = getattr(super(), "update_weight_conversions", None)
-        conversions = parent(weight_conversions, model) if parent is not None else weight_conversions
-        return without_quantized_converters(conversions, model)
+        if parent is not None:
+            takes_model = len(inspect.signature(parent).parameters) >= 2
+            weight_conversions = parent(weight_conversions, model) if takes_model else parent(weight_conversions)
+        return weight_conversions if model is None else without_quantized_converters(weight_conversions, model)
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
