@@ -1,6 +1,7 @@
-"""Tiny random models of every causal-LM architecture in the installed transformers, and the round trip that
-decides whether hf_babai supports each: quantize on load → ``save_pretrained`` → plain ``from_pretrained`` →
-equal logits, with no decoder weight left in float outside the keep-list.
+"""Tiny random models of every causal-LM and image-text-to-text architecture in the installed transformers, and the
+round trip that decides whether hf_babai supports each: quantize on load → ``save_pretrained`` → plain
+``from_pretrained`` → equal logits, with every float weight left in the language model listed ("partial" when any
+is outside the keep-list of routers).
 
 Configs are shrunk generically: every size field a config class declares (hidden size, layers, heads, experts,
 state sizes, ... under any of the names transformers uses) is passed small to its constructor, so derived fields
