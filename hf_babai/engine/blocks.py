@@ -94,8 +94,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = _largest_block_list(model, root) or (_largest_block_list(model, "") if root else None)
     if found is None:
         raise ValueError(
-            "no decoder block list found: expected an nn.ModuleList of identical blocks containing nn.Linear "
-            "layers (e.g. model.model.layers)"
+            "no decoder block list found: expected an nn.ModuleList of identical blocks (or of layers that each hold "
+            "Linears) containing nn.Linear or Conv1D layers (e.g. model.model.layers)"
         )
     return found
 
@@ -116,8 +116,8 @@ def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList
 
 
 def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") -> dict[str, nn.Linear]:
-    """Linears of a block to quantize, in module order (block-relative names), minus those whose full name
-    ``prefix + "." + name`` contains any ``skip`` substring."""
+    """Linears (and GPT-2-style Conv1Ds, see :func:`is_quantizable`) of a block to quantize, in module order
+    (block-relative names), minus those whose full name ``prefix + "." + name`` contains any ``skip`` substring."""
     out = {}
     for n, m in block.named_modules():
         full = f"{prefix}.{n}" if prefix else n
