@@ -22,6 +22,7 @@ from .solver.hessian import DAMP_WIDTH
 from .solver.ordering import ORDERS
 
 METHODS = ("babai", "rtn")
+EXPERT_CALIBRATION = ("routed", "all")
 SCALE_CHOICES = (*SCALE_METHODS, "auto")
 
 
@@ -142,6 +143,11 @@ class QuantSpec:
         allowed="use a list of module-name substrings, e.g. ['mlp.down_proj']",
         valid=lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(m, str) for m in v)),
         cli="--skip",
+    )
+    expert_calibration: str = _setting(
+        "routed",
+        "MoE experts: Hessians from the tokens the router sends each expert, or from all tokens (docs/moe.md)",
+        choices=EXPERT_CALIBRATION,
     )
     nsamples: int = _setting(
         128,

@@ -31,6 +31,8 @@ from .blocks import (
     replace_module,
     target_linears,
 )
+from .coverage import check_float_weights, float_share, weight_kinds, weight_report
+from .experts import UnfusedExperts, set_expert_calibration, unfuse_experts
 from .hessians import BlockHessians, capture_hessians
 from .policy import layer_damping, solve_layer, uses_one_pass
 from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
@@ -46,10 +48,13 @@ __all__ = [
     "RoundToNearest",
     "Schedule",
     "TwoPass",
+    "UnfusedExperts",
     "capture_block_inputs",
     "capture_hessians",
+    "check_float_weights",
     "execution_device",
     "find_blocks",
+    "float_share",
     "layer_damping",
     "linear_dims",
     "model_bits_per_weight",
@@ -59,7 +64,10 @@ __all__ = [
     "replace_module",
     "solve_layer",
     "target_linears",
+    "unfuse_experts",
     "uses_one_pass",
+    "weight_kinds",
+    "weight_report",
     "write_log",
 ]
 
@@ -108,8 +116,8 @@ def quantize_model(
             "text: the block list found is not the text decoder (an image encoder, say); quantize a causal LM whose "
             "decoder blocks run on input_ids"
         )
+    check_float_weights(model, spec.skip)  # before any solve: a weight nobody would quantize is named now
     masks = [None] * len(inputs) if attention_mask is None else [attention_mask[i : i + bs] for i in range(0, n, bs)]
-    tokens = int(attention_mask.sum()) if attention_mask is not None else (0 if rtn else input_ids.numel())
     log.info("schedule: %s per block", schedule.name)
     records: list[LayerRecord] = []
     total_loss = 0.0
@@ -120,14 +128,17 @@ def quantize_model(
             inputs = [(h, kw) for (h, _), kw in zip(inputs, per_block[b], strict=True)]
         onload_block(block)
         linearize_conv1d(block)
+        unfuse_experts(block)
+        set_expert_calibration(block, spec.expert_calibration)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
+        set_expert_calibration(block, "routed")
         del linears  # the float Linears: freed below with the block's Hessians and factors
         if outputs is not None:
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
-        for name, (shape, st) in stats.items():
+        for name, (shape, st, seen) in stats.items():
             total_loss += st.loss
-            records.append(LayerRecord(b, name, *shape, 0 if rtn else tokens, st.as_dict()))
+            records.append(LayerRecord(b, name, *shape, seen, st.as_dict()))
             log_layer(records[-1])
         if not rtn:
             bar.set_postfix(loss=f"{total_loss:.4g}")

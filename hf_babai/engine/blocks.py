@@ -36,8 +36,10 @@ def is_plain_linear(module: nn.Module) -> bool:
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2, OpenAI-GPT, GPT-SW3): ``x @ W + b`` with ``W`` stored ``[in, out]``, a
     Linear with its weight transposed (recognised by name and shape: the engine does not import transformers)."""
+    if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+        return False  # before touching .weight: a quantized module's .weight dequantizes
     weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and weight is not None and weight.dim() == 2
+    return weight is not None and weight.dim() == 2
 
 
 def is_quantizable(module: nn.Module) -> bool:
@@ -100,6 +102,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """A Linear to quantize or one already quantized (so a quantized model's blocks are found the same way)."""
+    return format_of(module) is not None or is_quantizable(module)
+
+
 def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList] | None:
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
@@ -107,9 +114,9 @@ def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList
             continue
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
             continue
-        if len({type(m) for m in mod}) != 1 and not all(any(map(is_quantizable, m.modules())) for m in mod):
+        if len({type(m) for m in mod}) != 1 and not all(any(map(_linear_like, m.modules())) for m in mod):
             continue  # a list of unlike modules is a decoder only if each one holds Linears (a hybrid's layers)
-        n_lin = sum(is_quantizable(x) for x in mod.modules())
+        n_lin = sum(_linear_like(x) for x in mod.modules())
         if n_lin and (best is None or n_lin > best[0]):
             best = (n_lin, name, mod)
     return None if best is None else (best[1], best[2])

@@ -28,6 +28,7 @@ class BlockHessians:
         self.spec = spec
         self.acc: dict[str, HessianAccumulator] = {}
         self.factors: dict[int, HessianFactor] = {}  # by id() of the accumulator they factor
+        self.tokens: dict[str, int] = {}  # calibration tokens behind each factored Linear's Hessian
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
 
     def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, *, streaming: bool = False) -> None:
@@ -70,9 +71,15 @@ class BlockHessians:
         """``(factor, H)`` for ``name``, factoring a Hessian its siblings share only once."""
         acc = self.acc.get(name)
         if acc is None:
-            log.warning("%s received no calibration tokens; its Hessian is empty and it is rounded to nearest", name)
+            log.warning(
+                "%s received no calibration tokens (an MoE expert the router never chose, or a Linear the forward "
+                "never calls); its Hessian is empty, so it is rounded to nearest (quant_log.csv: tokens = 0)",
+                name,
+            )
             acc = HessianAccumulator(in_features)
+            self.tokens[name] = 0
             return factor_layer(acc, self.spec), acc.finalize
+        self.tokens[name] = acc.n
         f = self.factors.get(id(acc))
         if f is None:
             f = self.factors[id(acc)] = factor_layer(acc, self.spec)

@@ -25,7 +25,7 @@ from .policy import solve_layer
 
 log = logging.getLogger(__name__)
 
-BlockStats = dict[str, tuple[tuple[int, int], LayerStats]]
+BlockStats = dict[str, tuple[tuple[int, int], LayerStats, int]]  # shape, stats, calibration tokens seen
 
 
 @dataclass
@@ -40,8 +40,11 @@ class BlockJob:
     inputs: list[tuple[torch.Tensor, dict]]
     masks: list[torch.Tensor | None]
 
-    def stats(self, solutions: dict[str, Any]) -> BlockStats:
-        return {n: (tuple(lin.weight.shape), solutions[n].stats) for n, lin in self.linears.items()}
+    def stats(self, solutions: dict[str, Any], tokens: dict[str, int] | None = None) -> BlockStats:
+        """Each Linear's shape, solve record and the calibration tokens its Hessian saw (an MoE expert sees only
+        the tokens routed to it)."""
+        tokens = tokens or {}
+        return {n: (tuple(lin.weight.shape), solutions[n].stats, tokens.get(n, 0)) for n, lin in self.linears.items()}
 
     def swap_in(self, solutions: dict[str, Any]) -> None:
         fmt = get_format(self.spec.format)
@@ -114,7 +117,7 @@ class TwoPass(Schedule):
         for name, lin in job.linears.items():  # 2
             solutions[name] = solve_layer(name, lin, hessians)
             hessians.release_if_done(name, solutions)
-        stats = job.stats(solutions)
+        stats = job.stats(solutions, hessians.tokens)
         job.swap_in(solutions)  # 3
         return run_block(job.block, job.inputs, device), stats  # 4
 
@@ -175,7 +178,7 @@ class OnePass(Schedule):
         for name, lin in job.linears.items():  # 4
             if name not in solutions:
                 solutions[name] = solve_layer(name, lin, hessians)
-        stats = job.stats(solutions)
+        stats = job.stats(solutions, hessians.tokens)
         job.swap_in(solutions)  # 5
         return out, stats
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from ..engine import linear_dims, quantizable_linears, quantize_model, replace_module
+from ..engine import linear_dims, quantizable_linears, quantize_model, replace_module, unfuse_experts
 from ..formats import format_names, format_of, get_format, quantized_modules
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
@@ -56,6 +56,7 @@ def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[s
     dtype. Returns the new modules by name."""
     spec = cfg.spec()
     fmt = get_format(spec.format)
+    unfuse_experts(model)  # MoE experts were quantized one Linear per expert matrix: rebuild that structure
     linears = quantizable_linears(model, spec.skip)
     if fmt.sized_by_data:
         missing = sorted(set(linears) - set(cfg.layers or {}))

@@ -1,0 +1,218 @@
+"""Mixture-of-experts models: fused 3-D experts are quantized one Linear per expert matrix, reload exactly, and no
+weight is left float without a name."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_babai import BabaiConfig, CheckpointError
+from hf_babai.engine import UnfusedExperts, quantize_model, unfuse_experts, weight_kinds
+from hf_babai.engine.coverage import QUANTIZED
+from hf_babai.engine.experts import is_fused_experts
+from hf_babai.formats import quantized_modules
+from integration_tests.architectures import PROFILES
+
+IDS = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+X = IDS[:2, :16]
+# one of each layout: [gate; up] rows (Mixtral, Qwen3-MoE, DeepSeek-V3 with a shared expert and a dense first
+# layer), interleaved transposed rows with biases and clamped gating (gpt-oss)
+ARCHS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+
+# every architecture of the installed transformers whose fused experts were recognised (the arch_matrix run)
+RECOGNISED = (
+    "afmoe", "aria", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "dots1", "dots3_note_text", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa",
+    "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hy_v3", "hy_v4", "hy_v4_vl",
+    "jamba", "kimi_k25", "kolibri1", "laguna", "lara_mini", "longcat_flash", "mellum", "mimo_v2_flash",
+    "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl", "minimax_m3_vl_text", "mistral4", "mistral_large4",
+    "mixtral", "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe",
+    "qwen3_next", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
+    "sarvam_moe", "solar_open",
+)  # fmt: skip
+
+
+def _model(arch: str) -> torch.nn.Module:
+    from integration_tests.architectures import _tiny_model
+
+    for profile in PROFILES:  # the first shrunk config the model runs with, as the architecture matrix builds it
+        try:
+            torch.manual_seed(0)
+            return _tiny_model(arch, profile, IDS).eval()
+        except Exception as exc:
+            why = exc
+    raise AssertionError(f"{arch}: no tiny model ({why})")
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X, use_cache=False).logits
+
+
+def _fused(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_fused_experts(m)]
+
+
+@pytest.mark.parametrize(
+    "arch", [*ARCHS, *(pytest.param(a, marks=pytest.mark.arch_matrix) for a in RECOGNISED if a not in ARCHS)]
+)
+def test_unfused_experts_compute_what_the_fused_module_computes(arch):
+    model = _model(arch)
+    fused = _fused(model)
+    assert fused, f"{arch}: no fused experts module recognised"
+    experts = model.get_submodule(fused[0])
+    ref = _logits(model)
+    assert unfuse_experts(model) == fused
+    assert not _fused(model)
+    unfused = model.get_submodule(fused[0])
+    assert isinstance(unfused, UnfusedExperts) and len(list(unfused.children())) >= experts.num_experts
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
+    # the unfused model changes when an expert's matrix does: the Linears are the ones the forward uses
+    with torch.no_grad():
+        for e in range(unfused.num_experts):
+            unfused[e].down_proj.weight.mul_(2)
+    assert not torch.allclose(_logits(model), ref, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def moe_round_trip(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    _model(arch).save_pretrained(root / "float")
+    cfg = BabaiConfig(bits=4, group_size=16, dataset=IDS)
+    model = AutoModelForCausalLM.from_pretrained(root / "float", quantization_config=cfg, dtype=torch.float32)
+    model.save_pretrained(root / "q")
+    return arch, model, root
+
+
+def test_every_expert_is_quantized_and_reloads_exactly(moe_round_trip):
+    arch, model, root = moe_round_trip
+    experts = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    assert experts and not _fused(model)
+    for ex in experts:
+        for e in range(ex.num_experts):
+            for lin in ex[e].children():
+                assert lin in {m for _, m, _ in quantized_modules(model)}, f"{arch}: expert {e} {lin} is float"
+    leftover = [w for w in weight_kinds(model, ("lm_head",)) if "expert" in w.name and w.kind != QUANTIZED]
+    assert not leftover, leftover
+    with safe_open(str(root / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any(".experts.0.up_proj." in k for k in keys), sorted(keys)[:20]
+    again = AutoModelForCausalLM.from_pretrained(root / "q")
+    assert torch.equal(_logits(again), _logits(model))
+
+
+def test_a_missing_expert_tensor_is_refused_by_name(moe_round_trip, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, root = moe_round_trip
+    for f in (root / "q").iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    gone = next(k for k in sorted(tensors) if ".experts.1.down_proj." in k)
+    del tensors[gone]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    leaf = gone.split(".experts.")[1]  # Mixtral's disk name block_sparse_moe is mlp in memory
+    with pytest.raises(CheckpointError, match=rf"layers\.\d\.\w+\.experts\.{leaf.replace('.', r'[.]')} is missing"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _token_log(model, spec_kw, tmp_path) -> dict[str, int]:
+    from hf_babai.spec import QuantSpec
+
+    log = tmp_path / "log.csv"
+    quantize_model(model, QuantSpec(bits=4, group_size=16, **spec_kw), IDS, log_path=log, progress=False)
+    with open(log) as f:
+        return {f"{r['block']}.{r['layer']}": int(r["tokens"]) for r in csv.DictReader(f)}
+
+
+def test_each_expert_hessian_counts_its_own_tokens(tmp_path):
+    model = _model("mixtral")
+    k, tokens = model.config.num_experts_per_tok, IDS.numel()
+    routed = _token_log(model, {}, tmp_path)
+    for b in range(model.config.num_hidden_layers):
+        per_expert = [routed[f"{b}.mlp.experts.{e}.up_proj"] for e in range(model.config.num_local_experts)]
+        assert sum(per_expert) == tokens * k  # every token goes to k experts
+        assert routed[f"{b}.self_attn.q_proj"] == tokens
+    everyone = _token_log(_model("mixtral"), {"expert_calibration": "all"}, tmp_path)
+    assert {v for n, v in everyone.items() if ".experts." in n} == {tokens}
+
+
+def test_all_token_calibration_keeps_the_routed_output():
+    """ "all" changes what the Hessians see, never what the layer computes."""
+    model = _model("qwen3_moe")
+    unfuse_experts(model)
+    ref = _logits(model)
+    for m in model.modules():
+        if isinstance(m, UnfusedExperts):
+            m.calibration = "all"
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_subclass_overriding_the_experts_forward_is_not_unfused():
+    model = _model("mixtral")
+    name = _fused(model)[0]
+    experts = model.get_submodule(name)
+    cls = type(experts)
+    experts.__class__ = type("Rewired", (cls,), {"forward": lambda self, h, i, w: 2 * cls.forward(self, h, i, w)})
+    assert name not in _fused(model)
+
+
+# ------------------------------------------------------------------ never silent
+
+
+def _llama_with_extra_weight() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.model.layers[1].mlp.mixer = torch.nn.Parameter(torch.randn(4, 32, 32))  # a weight kind nobody handles
+    return model
+
+
+def test_a_weight_of_unknown_kind_is_refused_before_any_work():
+    model = _llama_with_extra_weight()
+    from hf_babai.spec import QuantSpec
+
+    with pytest.raises(ValueError, match=r"(?s)model\.layers\.1\.mlp\.mixer \[4, 32, 32\].*modules_to_not_convert"):
+        quantize_model(model, QuantSpec(bits=4, group_size=16), IDS, progress=False)
+    assert not list(quantized_modules(model))  # refused before anything was quantized
+
+
+def test_a_listed_weight_stays_float_knowingly():
+    model = _llama_with_extra_weight()
+    from hf_babai.spec import QuantSpec
+
+    spec = QuantSpec(bits=4, group_size=16, modules_to_not_convert=["layers.1.mlp.mixer"])
+    quantize_model(model, spec, IDS, progress=False)
+    kinds = {w.name: w.kind for w in weight_kinds(model, spec.skip)}
+    assert kinds["model.layers.1.mlp.mixer"] == "modules_to_not_convert"
+    assert kinds["model.embed_tokens.weight"] == "embedding"
+    assert len(list(quantized_modules(model))) == 14
+
+
+def test_routers_stay_float_and_are_named_so(moe_round_trip):
+    _, model, _ = moe_round_trip
+    kinds = {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}
+    routers = [n for n, k in kinds.items() if k == "router"]
+    assert routers and all(("gate" in n or "router" in n) for n in routers)
+    assert not [n for n, k in kinds.items() if k == "unknown"]
+
+
+def test_float_share_counts_what_stays_float(moe_round_trip):
+    from hf_babai.engine import float_share
+
+    _, model, _ = moe_round_trip
+    share = float_share(model, ("lm_head",))
+    assert share["embedding"] == model.get_input_embeddings().weight.numel()
+    assert "quantized" not in share and "unknown" not in share
