@@ -103,8 +103,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import hf_babai
-    from hf_babai.engine import LAYER_TABLE_HEADER
-    from hf_babai.formats import get_format, model_bits_per_weight
+    from hf_babai.engine import LAYER_TABLE_HEADER, weight_report
+    from hf_babai.formats import get_format
 
     src = args.model
     cfg_src = AutoConfig.from_pretrained(src)
@@ -158,6 +158,7 @@ def _quantize(args: argparse.Namespace) -> int:
     bound = sum(float(r.stats["bound"]) for r in records)
     src_bytes = _dir_bytes(src) if Path(src).is_dir() else float("nan")
     spec = qcfg.spec()
+    weights = weight_report(model, spec.skip)
     summary = {
         "model": str(src),
         "out": str(out),
@@ -165,7 +166,9 @@ def _quantize(args: argparse.Namespace) -> int:
         "format": spec.format,
         "bits": spec.bits,
         "group_size": spec.group_size,
-        "bits_per_weight": round(model_bits_per_weight(model), 4),
+        "bits_per_weight": weights["bits_per_weight"],
+        "bits_per_weight_all": weights["bits_per_weight_all"],
+        "float_share": weights["float_share"],
         "seconds": round(secs, 1),
         "peak_rss_gb": round(_peak_rss_gb(), 2),
         "size_before_mb": round(src_bytes / 2**20, 1),
@@ -176,13 +179,20 @@ def _quantize(args: argparse.Namespace) -> int:
     what = get_format(spec.format).describe(spec)["format"]
     print(
         f"quantized {summary['layers']} layers of {src} to {what} in {secs:.0f}s: "
-        f"{summary['bits_per_weight']:.3f} bits/weight, peak RSS {summary['peak_rss_gb']:.2f} GB, "
+        f"{summary['bits_per_weight']:.3f} bits/weight in the quantized layers, "
+        f"{summary['bits_per_weight_all']:.3f} over all weights (float: {_shares(summary['float_share'])}), "
+        f"peak RSS {summary['peak_rss_gb']:.2f} GB, "
         f"checkpoint {summary['size_before_mb']:.0f} MB -> {summary['size_after_mb']:.0f} MB; "
         f"saved to {out} (quant_log.csv has the per-layer table)"
     )
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _shares(share: dict[str, float]) -> str:
+    """``embedding 12.1%, norm 0.3%``: what stays float, as shares of all weights."""
+    return ", ".join(f"{kind} {100 * v:.1f}%" for kind, v in share.items()) or "none"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -228,6 +238,8 @@ def _info(args: argparse.Namespace) -> int:
     summary = checkpoint_summary(path)
     info = {k: summary[k] for k in ("checkpoint", "architecture", "format", "method", "order", "quantized_layers")}
     info["bits_per_weight"] = summary["bits_per_weight"]
+    info["bits_per_weight_all"] = summary["bits_per_weight_all"]
+    info["float"] = _shares(summary["float_share"])
     info["size_mb"] = round(summary["size_bytes"] / 2**20, 1)
     info["calibration"] = summary["calibration"]
     info["checked"] = "every packed tensor present with the right shape and dtype"

@@ -108,6 +108,7 @@ def build_card(
             "order": q["order"],
             **q["card"],
             "bits_per_weight": q["bits_per_weight"],
+            "bits_per_weight_all": q["bits_per_weight_all"],
         },
     )
     if base is not None:

@@ -4,6 +4,7 @@ weight is left float without a name."""
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hf_babai.engine.experts import is_fused_experts
 from hf_babai.formats import quantized_modules
 from integration_tests.architectures import PROFILES
 
+ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
 X = IDS[:2, :16]
 # one of each layout: [gate; up] rows (Mixtral, Qwen3-MoE, DeepSeek-V3 with a shared expert and a dense first
@@ -216,3 +218,43 @@ def test_float_share_counts_what_stays_float(moe_round_trip):
     share = float_share(model, ("lm_head",))
     assert share["embedding"] == model.get_input_embeddings().weight.numel()
     assert "quantized" not in share and "unknown" not in share
+
+
+def test_bits_per_weight_count_every_weight_of_the_checkpoint(moe_round_trip):
+    """``bits_per_weight_all`` is every stored bit over every weight: on an MoE whose experts were left float it
+    would be near 32, not the format's 4.x."""
+    from hf_babai.hf.summary import checkpoint_summary
+
+    _, _, root = moe_round_trip
+    summary = checkpoint_summary(root / "q")
+    with safe_open(str(root / "q" / "model.safetensors"), "pt") as f:
+        stored_bits = sum(8 * f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())  # noqa: SIM118
+    assert summary["bits_per_weight_all"] == pytest.approx(stored_bits / summary["parameters"], rel=1e-3)
+    assert summary["bits_per_weight"] < summary["bits_per_weight_all"] < 32
+    assert {"embedding", "router"} <= set(summary["float_share"])
+    assert summary["float_share"]["router"] < 0.05
+
+
+def test_moe_export_has_llm_compressors_layout(tmp_path):
+    """The compressed-tensors export of an MoE names, shapes and types every tensor as llm-compressor's own
+    checkpoint of the same model does (recorded by ``bench/peer_moe_layout.py``): per-expert
+    ``experts.E.{gate,up,down}_proj.weight_packed / weight_scale / weight_shape``, routers float."""
+    import json
+
+    from transformers import Qwen3MoeConfig
+
+    import hf_babai
+
+    peer = json.loads((ROOT / "bench" / "results" / "llmcompressor_qwen3_moe_layout.json").read_text())
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen3MoeConfig(**peer["config"])).save_pretrained(tmp_path / "float")
+    cfg = BabaiConfig(bits=4, group_size=128, dataset=IDS)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
+    hf_babai.export(model, tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        ours = {k: [list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()] for k in f.keys()}  # noqa: SIM118
+    theirs = peer["tensors"]
+    assert set(ours) == set(theirs)
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+    # packed codes and shapes have one type; scales follow the served dtype in both tools (float32 here)
+    assert ours == theirs

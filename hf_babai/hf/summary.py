@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..engine import weight_report
 from ..formats import get_format, model_bits_per_weight
 from .config import QUANT_METHOD, BabaiConfig
-from .quantizer import check_checkpoint, replace_with_quantized_modules
+from .quantizer import _ST_DTYPES, _as_loaded, _read_headers, check_checkpoint, replace_with_quantized_modules
 from .serving import describe_checkpoint, format_report, servability
 
 
@@ -82,6 +83,9 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     spec = qcfg.spec()
     about = get_format(spec.format).describe(spec)
     dense = sum(p.numel() for n, p in skeleton.named_parameters(remove_duplicate=True))
+    weights = weight_report(skeleton, spec.skip)
+    q_bits = weights["bits_per_weight"] * quantized
+    dense_bits = _dense_bits(_as_loaded(skeleton, _read_headers(files)), set(modules))
     return {
         "checkpoint": str(path),
         "architecture": (config.architectures or ["?"])[0],
@@ -102,6 +106,8 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "quantized_weights": quantized,
         "parameters": quantized + dense,
         "bits_per_weight": round(model_bits_per_weight(skeleton), 4),
+        "bits_per_weight_all": round((q_bits + dense_bits) / (quantized + dense), 4),
+        "float_share": weights["float_share"],
         "size_bytes": sum(Path(f).stat().st_size for f in files),
         "size_16bit_bytes": 2 * (quantized + dense),
         "calibration": qcfg.calibration,
@@ -110,6 +116,20 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
             servability(describe_checkpoint(qcfg.to_dict(), {n: m.in_features for n, m in modules.items()}))
         ),
     }
+
+
+_FLOAT_BITS = {name: torch.finfo(dt).bits for dt, name in _ST_DTYPES.items() if dt.is_floating_point}
+
+
+def _dense_bits(header: dict[str, tuple[tuple[int, ...], str, str]], quantized: set[str]) -> int:
+    """Stored bits of the checkpoint's float tensors outside the quantized modules' packed weights (biases
+    included), at the width they are stored in."""
+    total = 0
+    for key, (shape, dtype, _) in header.items():
+        owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+        if dtype in _FLOAT_BITS and (owner not in quantized or leaf == "bias"):
+            total += math.prod(shape) * _FLOAT_BITS[dtype]
+    return total
 
 
 EXPORTED_PRIMARY = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
