@@ -131,6 +131,12 @@ class QuantSpec:
         allowed="use a positive int, e.g. 128",
         valid=lambda v: _int(v) and v >= 1,
     )
+    hessian_budget_gb: float = _setting(
+        4.0,
+        "two passes: GiB of Hessians held at once; a block needing more (an MoE's experts) is calibrated in groups",
+        allowed="use a number > 0 (GiB of float64 Hessians held at once), e.g. 4",
+        valid=lambda v: _real(v) and v > 0,
+    )
     true_sequential: bool | None = _setting(
         None,
         "one forward per block, each Linear solved just before it runs (default: one pass at >= 3 bits, two at 2)",

@@ -258,3 +258,66 @@ def test_moe_export_has_llm_compressors_layout(tmp_path):
     assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
     # packed codes and shapes have one type; scales follow the served dtype in both tools (float32 here)
     assert ours == theirs
+
+
+def test_hessians_held_in_groups_give_the_same_model():
+    """Two passes under a Hessian budget: the experts' Hessians are built a group at a time (one more block forward
+    per group) and the quantized model is bit-identical to the one built with every Hessian held at once."""
+    from hf_babai.engine.schedules import hessian_groups
+    from hf_babai.solver import hessian as hessian_mod
+    from hf_babai.spec import QuantSpec
+
+    def run(budget: float) -> tuple[dict[str, torch.Tensor], int]:
+        model = _model("qwen3_moe")
+        live = peak = 0
+        init = hessian_mod.HessianAccumulator.__init__
+
+        def counting(self, *a, **kw):
+            nonlocal live, peak
+            init(self, *a, **kw)
+            live += 1
+            peak = max(peak, live)
+
+            def gone(*_):
+                nonlocal live
+                live -= 1
+
+            import weakref
+
+            weakref.finalize(self, gone)
+
+        hessian_mod.HessianAccumulator.__init__ = counting
+        try:
+            spec = QuantSpec(bits=4, group_size=16, true_sequential=False, hessian_budget_gb=budget)
+            quantize_model(model, spec, IDS, progress=False)
+        finally:
+            hessian_mod.HessianAccumulator.__init__ = init
+        state = {k: v for k, v in model.state_dict().items() if ".experts." in k}
+        return state, peak
+
+    whole, peak_whole = run(4.0)
+    grouped, peak_grouped = run(2e-6)  # below one 64-wide Hessian (32 KiB): every Linear is a group of its own
+    assert whole.keys() == grouped.keys() and all(torch.equal(whole[k], grouped[k]) for k in whole)
+    assert peak_grouped < peak_whole
+    linears = {f"l{i}": torch.nn.Linear(64, 8) for i in range(5)}
+    assert hessian_groups(linears, 2 * 8 * 64 * 64 / 2**30) == [["l0", "l1"], ["l2", "l3"], ["l4"]]
+    assert hessian_groups(linears, 1e-9) == [[f"l{i}"] for i in range(5)]
+
+
+def test_disk_offloaded_moe_quantizes_like_in_memory(moe_round_trip, tmp_path):
+    """An MoE whose blocks accelerate offloaded to disk: each block is onloaded, its experts unfused and quantized;
+    the result equals the in-memory quantization."""
+    arch, model, root = moe_round_trip
+    if arch != "mixtral":
+        pytest.skip("one architecture is enough for the offload path")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map.update({"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    cfg = BabaiConfig(bits=4, group_size=16, dataset=IDS)
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        root / "float", quantization_config=cfg, dtype=torch.float32, device_map=device_map,
+        offload_folder=tmp_path / "off",
+    )  # fmt: skip
+    experts = offloaded.model.layers[1].mlp.experts
+    assert isinstance(experts, UnfusedExperts)
+    assert all(t.device.type == "cpu" for t in offloaded.model.layers[1].state_dict().values())
+    assert torch.equal(_logits(offloaded), _logits(model))

@@ -85,41 +85,66 @@ class RoundToNearest(Schedule):
 class TwoPass(Schedule):
     """llm-compressor's sequential pipeline: every sub-layer's Hessian sees the block's float inputs.
 
-    1. one forward per calibration batch with the float weights, accumulating every Linear's Hessian;
-    2. solve each Linear, freeing a shared Hessian once all its users are solved;
-    3. swap the quantized modules in;
-    4. run the quantized block on every batch: its outputs are the next block's inputs."""
+    1. for each group of Linears whose Hessians fit ``spec.hessian_budget_gb`` (one group for a dense block; an
+       MoE block's experts a few at a time): one forward per calibration batch with the float weights,
+       accumulating the group's Hessians, then solve the group, freeing each Hessian once its users are solved;
+    2. swap the quantized modules in;
+    3. run the quantized block on every batch: its outputs are the next block's inputs.
+
+    Every Hessian sees the same float inputs whatever the grouping, so the result is the same; a group costs one
+    more forward of the block."""
 
     name = "two passes"
 
     def run(self, job: BlockJob) -> tuple[list[torch.Tensor], BlockStats]:
         device = execution_device(job.block)
-        hessians = BlockHessians(job.spec)
-        current: dict[str, torch.Tensor | None] = {"mask": None}
-
-        def make_hook(name: str) -> Callable:
-            def hook(_mod: nn.Linear, args: tuple) -> None:
-                hessians.accumulate(name, args[0], current["mask"])
-
-            return hook
-
-        handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in job.linears.items()]
-        try:  # 1
-            with torch.no_grad():
-                for (h, kw), m in zip(job.inputs, job.masks, strict=True):
-                    hessians.new_batch()
-                    current["mask"] = m
-                    job.block(h.to(device), **move_to(kw, device))
-        finally:
-            for hd in handles:
-                hd.remove()
         solutions: dict[str, Any] = {}
-        for name, lin in job.linears.items():  # 2
-            solutions[name] = solve_layer(name, lin, hessians)
-            hessians.release_if_done(name, solutions)
-        stats = job.stats(solutions, hessians.tokens)
-        job.swap_in(solutions)  # 3
-        return run_block(job.block, job.inputs, device), stats  # 4
+        tokens: dict[str, int] = {}
+        for group in hessian_groups(job.linears, job.spec.hessian_budget_gb):  # 1
+            hessians = BlockHessians(job.spec)
+            current: dict[str, torch.Tensor | None] = {"mask": None}
+
+            def make_hook(name: str, hessians: BlockHessians = hessians, current: dict = current) -> Callable:
+                def hook(_mod: nn.Linear, args: tuple) -> None:
+                    hessians.accumulate(name, args[0], current["mask"])
+
+                return hook
+
+            handles = [job.linears[name].register_forward_pre_hook(make_hook(name)) for name in group]
+            try:
+                with torch.no_grad():
+                    for (h, kw), m in zip(job.inputs, job.masks, strict=True):
+                        hessians.new_batch()
+                        current["mask"] = m
+                        job.block(h.to(device), **move_to(kw, device))
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for name in group:
+                solutions[name] = solve_layer(name, job.linears[name], hessians)
+                hessians.release_if_done(name, solutions)
+            tokens.update(hessians.tokens)
+            del hessians
+        stats = job.stats(solutions, tokens)
+        job.swap_in(solutions)  # 2
+        return run_block(job.block, job.inputs, device), stats  # 3
+
+
+def hessian_groups(linears: dict[str, nn.Linear], budget_gb: float) -> list[list[str]]:
+    """The Linears in module order, cut into runs whose float64 Hessians (``in_features²`` words each, counted for
+    every Linear: siblings that share one make the estimate conservative) fit ``budget_gb``; a Linear over budget
+    by itself is a group of its own."""
+    budget = budget_gb * 2**30
+    groups: list[list[str]] = [[]]
+    used = 0.0
+    for name, lin in linears.items():
+        size = 8.0 * lin.weight.shape[1] ** 2
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 class OnePass(Schedule):
