@@ -89,8 +89,6 @@ PROFILES: tuple[dict[str, Any], ...] = (
     },
 )
 VOCAB = 512
-# Float by design inside a block: MoE routers (small and sensitive; docs/usage.md).
-KEEP_FLOAT = re.compile(r"(\.router\.|\.gate\.)(weight|bias)$|\.router\.[a-z_]*weight$")
 MAX_PARAMS = 40_000_000  # a shrunk model larger than this is a shrinking failure, not a model to run
 
 
@@ -100,7 +98,7 @@ class Outcome:
     status: str  # works | partial (float weights outside the keep-list) | refused | fails | no-tiny-model
     step: str = ""  # where it stopped: config, build, quantize, forward, save, reload, compare
     message: str = ""
-    float_weights: list[str] = field(default_factory=list)  # ≥2-D float tensors inside the decoder blocks
+    float_weights: list[str] = field(default_factory=list)  # float by design beyond embeddings/norms/routers
     quantized: int = 0
     params: int = 0
 
@@ -158,23 +156,14 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def float_leftovers(model) -> list[str]:
-    """≥2-D floating-point parameters of the language model that are not embeddings or the LM head: weights
-    hf_babai left unquantized (the vision tower of a vision-language model is outside the language model)."""
-    from hf_babai.engine.blocks import _language_model
+    """≥2-D float weights of the language model that are not embeddings, the LM head, norms or MoE routers (the
+    engine's own classification, :func:`hf_babai.engine.weight_kinds`): what a ``partial`` outcome leaves float by
+    design (convolutions, state-space parameters). The vision tower of a vision-language model is outside the
+    language model and not listed."""
+    from hf_babai.engine import weight_kinds
 
-    root = _language_model(model)
-    skip = {id(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        skip.add(id(head))
-    out = []
-    for name, mod in model.named_modules():
-        if id(mod) in skip or (root and not name.startswith(root + ".")):
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 2 and p.dtype.is_floating_point:
-                out.append(f"{name}.{pname}")
-    return out
+    by_design = {"quantized", "embedding", "lm_head", "norm", "vector", "router", "outside the language model"}
+    return [f"{w.name} ({w.kind})" for w in weight_kinds(model, ("lm_head",)) if w.kind not in by_design]
 
 
 def architectures() -> dict[str, str]:
@@ -265,7 +254,7 @@ def round_trip(arch: str, seconds: int = 120) -> Outcome:
                 out.message = f"reloaded logits differ (max {float((got - ref).abs().max()):.3g})"
                 out.step = step
                 return out
-            out.status = "partial" if [w for w in out.float_weights if not KEEP_FLOAT.search(w)] else "works"
+            out.status = "partial" if out.float_weights else "works"
     except Exception as exc:
         out.step = step
         out.message = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
@@ -312,9 +301,10 @@ def write_table(expected: dict[str, dict[str, Any]], path: Path = TABLE) -> None
         "cannot reach).",
         "",
         "What stays float by design: embeddings, the LM head, norms, MoE routers (`gate`/`router`), vision towers and",
-        "projectors of vision-language models (only the language model is quantized), and state-space parameters",
-        "(`A_log`, `D`, `conv1d`). Fused 3-D expert weights (`experts.gate_up_proj`, `experts.down_proj`) are not yet",
-        "quantized: the MoE work will change those rows.",
+        "projectors of vision-language models (only the language model is quantized), convolutions and state-space",
+        "parameters (`A_log`, `conv1d`): a `partial` row lists them. Fused 3-D MoE experts are quantized one Linear",
+        "per expert matrix ([Mixture of experts](moe.md)). A weight of any other kind is refused before quantizing,",
+        "by name (`hf_babai/engine/coverage.py`): those rows say `refused` and name it.",
         "",
         "How the rules behind the table work (`hf_babai/engine/blocks.py`): the blocks are the largest list of",
         "identical modules holding Linear layers inside the model's language model (`get_decoder()`); GPT-2-style",
@@ -329,7 +319,7 @@ def write_table(expected: dict[str, dict[str, Any]], path: Path = TABLE) -> None
         "quantizing the vision tower itself would need its own block list and Hessians from those images. Neither",
         "is built yet, so there is no option to quantize the vision tower.",
         "",
-        "| architecture | status | float inside the blocks / reason |",
+        "| architecture | status | float by design (kind) / reason |",
         "|---|---|---|",
     ]
     for arch, e in expected.items():

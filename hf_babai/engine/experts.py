@@ -49,8 +49,8 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 class ExpertMLP(nn.Module):
-    """One expert: ``down(gating(gate(x), up(x)))`` (or ``down(act(up(x)))`` for ungated experts). ``combine``
-    rebuilds the fused ``gate_up`` output the owning module's gating function expects."""
+    """One expert: ``down(activate(up(x), gate(x)))``, where ``activate`` is the owning module's gating on the two
+    (rebuilt into the fused ``gate_up`` layout it expects) or, for ungated experts, its activation on ``up(x)``."""
 
     def __init__(self, hidden: int, inner: int, gated: bool, bias: bool, dtype: torch.dtype, device) -> None:
         super().__init__()
