@@ -12,11 +12,14 @@ a contract that any experts implementation must follow: the flags ``has_gate``, 
 gating. From there the engine treats them like any Linear (one Hessian per expert from the tokens routed to it;
 ``gate``/``up`` share it), the loader rebuilds the same structure before reading a checkpoint, and the saved
 names (``mlp.experts.3.gate_proj.*``) are the per-expert names that Qwen-MoE checkpoints and serving engines use.
-Detection is by that contract, so the engine needs no transformers import and no per-architecture table.
+Detection is by that contract, so the engine needs no transformers import and no per-architecture table. One
+family outside the interface is recognised by its structure: Llama 4, whose experts take every token, each
+pre-scaled by its router score (``call="stacked"``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -25,14 +28,11 @@ from torch import nn
 from ..spec import EXPERT_CALIBRATION
 
 
-def is_fused_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is an experts module of transformers' experts contract with fused 3-D weights whose every
-    parameter this module knows how to unfuse, called through the contract's forward (anything else is left
-    alone, and the float-weight check then names its weights)."""
-    if isinstance(module, UnfusedExperts) or not all(
-        hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")
-    ):
-        return False
+def _contract(module: nn.Module) -> dict | None:
+    """The layout flags of an experts module of transformers' experts interface whose every parameter is one this
+    module unfuses and whose forward is the interface's dispatcher; ``None`` otherwise."""
+    if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")):
+        return None
     first = "gate_up_proj" if module.has_gate else "up_proj"
     names = {first, "down_proj"}
     if module.has_bias:
@@ -45,7 +45,57 @@ def is_fused_experts(module: nn.Module) -> bool:
     # the forward must be the interface's dispatcher (it wraps the class's own): a subclass that overrides it
     # (Ergo normalises per route around it) computes something this module does not reproduce
     dispatches = hasattr(type(module).forward, "__wrapped__")
-    return weights_ok and dispatches and own == names and not getattr(module, "_is_expert_parallel", False)
+    if not (weights_ok and dispatches and own == names) or getattr(module, "_is_expert_parallel", False):
+        return None
+    return {
+        "call": "routed",
+        "has_gate": bool(module.has_gate),
+        "has_bias": bool(module.has_bias),
+        "is_transposed": bool(module.is_transposed),
+        "is_concatenated": bool(getattr(module, "is_concatenated", True)),
+        "post_norm": bool(getattr(module, "has_post_expert_norm", False)),
+    }
+
+
+def _stacked(module: nn.Module) -> dict | None:
+    """Llama 4's experts, outside the interface: ``experts(x [E·N, H])`` where block ``e`` of ``x`` is every token
+    already scaled by its router score for expert ``e`` (0 where not routed), ``gate_up_proj [E, H, 2I]``
+    (``[gate | up]`` columns), ``down_proj [E, I, H]``, ``act(gate) · up``, no bias. Recognised by that structure:
+    exactly those two 3-D parameters, an ``act_fn`` and a forward of the hidden states alone."""
+    own = dict(module.named_parameters(recurse=False))
+    if set(own) != {"gate_up_proj", "down_proj"} or hasattr(module, "has_gate") or not hasattr(module, "act_fn"):
+        return None
+    gu, down = own["gate_up_proj"], own["down_proj"]
+    if gu.dim() != 3 or down.dim() != 3 or gu.shape[0] != down.shape[0]:
+        return None
+    if not (gu.shape[1] == down.shape[2] and gu.shape[2] == 2 * down.shape[1]):
+        return None
+    params = list(inspect.signature(type(module).forward).parameters)
+    if params != ["self", "hidden_states"]:
+        return None
+    return {
+        "call": "stacked",
+        "has_gate": True,
+        "has_bias": False,
+        "is_transposed": True,
+        "is_concatenated": True,
+        "post_norm": False,
+        "num_experts": gu.shape[0],
+    }
+
+
+def experts_layout(module: nn.Module) -> dict | None:
+    """How ``module`` stores and calls fused 3-D experts (see the module docstring), or ``None`` if it is not an
+    experts module this module can unfuse."""
+    if isinstance(module, UnfusedExperts):
+        return None
+    return _contract(module) or _stacked(module)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` holds fused 3-D experts that :class:`UnfusedExperts` reproduces (anything else is left
+    alone, and the float-weight check then names its weights)."""
+    return experts_layout(module) is not None
 
 
 class ExpertMLP(nn.Module):
@@ -73,28 +123,31 @@ class UnfusedExperts(nn.Module):
 
     def __init__(self, fused: nn.Module, *, copy_weights: bool = True) -> None:
         super().__init__()
-        self.num_experts = int(fused.num_experts)
-        self.has_gate = bool(fused.has_gate)
-        self.is_concatenated = bool(getattr(fused, "is_concatenated", True))
+        layout = experts_layout(fused)
+        if layout is None:
+            raise ValueError(f"{type(fused).__name__} is not an experts module hf_babai can unfuse")
+        self.num_experts = int(layout.get("num_experts", getattr(fused, "num_experts", 0)))
+        self.call = layout["call"]
+        self.has_gate = layout["has_gate"]
+        self.has_bias = layout["has_bias"]
+        self.is_concatenated = layout["is_concatenated"]
         self.calibration = "routed"
         first = fused.gate_up_proj if self.has_gate else fused.up_proj
         down = fused.down_proj
-        t = bool(fused.is_transposed)
+        t = layout["is_transposed"]
         hidden = down.shape[-1] if t else down.shape[-2]
         inner = down.shape[-2] if t else down.shape[-1]
-        # the module's own gating and activation, without keeping its 3-D weights alive through a bound method
-        gate_fn = getattr(type(fused), "_apply_gate", None)
+        self.hidden_size = hidden
+        # the module's own gating, without keeping its 3-D weights alive through a bound method
+        self._gate_fn = getattr(type(fused), "_apply_gate", None)
         self._fused_shapes = {
-            n: (tuple(t.shape), t.dtype) for n, t in fused.named_parameters(recurse=False)
+            n: (tuple(p.shape), p.dtype) for n, p in fused.named_parameters(recurse=False)
         }  # for model code that still names them (see __getattr__)
         self._shell = _Shell(fused)
-        self._gate_fn = gate_fn
-        if getattr(fused, "has_post_expert_norm", False):
+        if layout["post_norm"]:
             self.post_expert_norm = fused.post_expert_norm
         for e in range(self.num_experts):
-            self.add_module(
-                str(e), ExpertMLP(hidden, inner, self.has_gate, bool(fused.has_bias), down.dtype, down.device)
-            )
+            self.add_module(str(e), ExpertMLP(hidden, inner, self.has_gate, self.has_bias, down.dtype, down.device))
         if copy_weights and down.device.type != "meta":
             self._copy(fused, first, down, t)
 
@@ -104,7 +157,7 @@ class UnfusedExperts(nn.Module):
             mlp = self[e]
             w1 = first[e].T if transposed else first[e]  # [2I or I, H]
             wd = down[e].T if transposed else down[e]  # [H, I]
-            b1 = (fused.gate_up_proj_bias if self.has_gate else fused.up_proj_bias)[e] if fused.has_bias else None
+            b1 = (fused.gate_up_proj_bias if self.has_gate else fused.up_proj_bias)[e] if self.has_bias else None
             if self.has_gate:
                 gate, up = self._split(w1)
                 mlp.gate_proj.weight.copy_(gate)
@@ -118,7 +171,7 @@ class UnfusedExperts(nn.Module):
                 if b1 is not None:
                     mlp.up_proj.bias.copy_(b1)
             mlp.down_proj.weight.copy_(wd)
-            if fused.has_bias:
+            if self.has_bias:
                 mlp.down_proj.bias.copy_(fused.down_proj_bias[e])
 
     def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +199,8 @@ class UnfusedExperts(nn.Module):
         """The fused module's gating on ``gate``/``up`` (rebuilt into its ``gate_up`` layout), or its activation."""
         if gate is None:
             return self._shell.act_fn(up)
+        if self._gate_fn is None:  # no gating of its own (Llama 4): act(gate) · up
+            return self._shell.act_fn(gate) * up
         fused = torch.cat([gate, up], dim=-1) if self.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
         return self._gate_fn(self._shell, fused)
 
@@ -155,7 +210,24 @@ class UnfusedExperts(nn.Module):
             out = self.post_expert_norm(out)
         return out
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        if self.call == "stacked":
+            return self._stacked_forward(hidden_states)
+        return self._routed_forward(hidden_states, *routing)
+
+    def _stacked_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Llama 4: block ``e`` of the input holds every token scaled by its score for expert ``e``; the rows of
+        tokens not routed there are zero and give zero (no bias), so only the others run (and reach the Hessians:
+        there, ``expert_calibration="all"`` has nothing more to add, the unrouted tokens' inputs being zero)."""
+        x = hidden_states.view(self.num_experts, -1, self.hidden_size)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = torch.where(x[e].ne(0).any(-1))[0]
+            if rows.numel():
+                out[e, rows] = self._expert(e, x[e, rows]).to(out.dtype)
+        return out.view(-1, self.hidden_size)
+
+    def _routed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
         everyone = self.calibration == "all"
         for e in range(self.num_experts):
