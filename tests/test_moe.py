@@ -322,3 +322,17 @@ def test_disk_offloaded_moe_quantizes_like_in_memory(moe_round_trip, tmp_path):
     assert isinstance(experts, UnfusedExperts)
     assert all(t.device.type == "cpu" for t in offloaded.model.layers[1].state_dict().values())
     assert torch.equal(_logits(offloaded), _logits(model))
+
+
+@pytest.mark.parametrize("fmt", [{"format": "ssqr", "outlier_rate": 0.01}, {"format": "hptq", "target_bpw": 3.5}])
+def test_no_clip_formats_quantize_experts_and_reload(fmt, tmp_path):
+    _model("qwen3_moe").save_pretrained(tmp_path / "float")
+    cfg = BabaiConfig(bits=3, group_size=16, dataset=IDS, **fmt) if fmt["format"] == "ssqr" else None
+    cfg = cfg or BabaiConfig(dataset=IDS, **fmt)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
+    experts = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    names = {m for _, m, _ in quantized_modules(model)}
+    assert experts and all(lin in names for ex in experts for e in range(ex.num_experts) for lin in ex[e].children())
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(again), _logits(model))
