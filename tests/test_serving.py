@@ -17,7 +17,14 @@ from hf_babai import BabaiConfig
 from hf_babai.cli import main as cli
 from hf_babai.formats.compressed_tensors import ct_tensors, pack_int32, stored_group_size, unpack_int32
 from hf_babai.formats.packing import dequantize_packed, pack_weight
-from hf_babai.hf.serving import RULES, CheckpointFacts, default_path_serves, format_report, servability
+from hf_babai.hf.serving import (
+    RULES,
+    CheckpointFacts,
+    default_path_serves,
+    describe_checkpoint,
+    format_report,
+    servability,
+)
 
 IDS = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
 
@@ -230,3 +237,19 @@ def test_export_refuses_its_source_folder(tiny, tmp_path):
     model.save_pretrained(tmp_path / "q")
     with pytest.raises(ValueError, match="would overwrite it"):
         hf_babai.export(tmp_path / "q", tmp_path / "q")
+
+
+def test_moe_checkpoints_need_the_engines_fused_moe_path():
+    """vLLM loads an MoE's experts through its fused-MoE method (2-8 bits, whole groups): an int3 compressed-tensors
+    MoE is served, a partial-group one is refused by that path too, and engines without an experts rule here say
+    that they were not checked for MoE rather than claiming it loads."""
+    moe = CheckpointFacts("compressed-tensors", 3, True, frozenset({128}), True, False, True)
+    assert "WNA16 fused MoE" in _loads(servability(moe), "vLLM")
+    assert "WNA16 fused MoE" not in _loads(servability(_facts("compressed-tensors", 3)), "vLLM")
+    partial = CheckpointFacts("compressed-tensors", 4, True, frozenset({128}), False, False, True)
+    refused = [v for v in servability(partial) if v.engine.startswith("vLLM")]
+    assert not any(v.loads for v in refused) and any(v.path == "WNA16 fused MoE" for v in refused)
+    sglang = next(line for line in format_report(servability(moe)) if line.startswith("SGLang"))
+    assert "MoE experts (not checked for this engine)" in sglang
+    names = {"model.layers.0.mlp.experts.3.up_proj": 64, "model.layers.0.self_attn.q_proj": 64}
+    assert describe_checkpoint({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}, names).experts

@@ -21,7 +21,9 @@ __all__ = ["RULES", "CheckpointFacts", "Rule", "Verdict", "describe_checkpoint",
 @dataclass(frozen=True)
 class CheckpointFacts:
     """What the rules look at: checkpoint ``kind`` (``compressed-tensors``, ``gptq`` or ``babai``), ``bits``,
-    ``sym``, the stored ``group_sizes`` (``-1`` per channel), whether every group is whole, and ``desc_act``."""
+    ``sym``, the stored ``group_sizes`` (``-1`` per channel), whether every group is whole, ``desc_act``, and
+    whether it holds MoE experts (layers named ``….experts.E.…``, which engines load through a fused-MoE path with
+    rules of its own)."""
 
     kind: str
     bits: int
@@ -29,6 +31,7 @@ class CheckpointFacts:
     group_sizes: frozenset[int]
     whole_groups: bool = True
     desc_act: bool = False
+    experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Rule:
     source: str
     whole_groups: bool = True
     desc_act: bool = False
+    part: str = "linear"  # "linear": the dense layers' path; "moe": the experts' fused-MoE path
 
     def refusal(self, facts: CheckpointFacts) -> str | None:
         """Why this path cannot load ``facts`` (``None``: it can)."""
@@ -84,6 +88,11 @@ RULES: tuple[Rule, ...] = (
          _V + "layers/quantization/utils/marlin_utils.py (uint4 is its only zero-point type)"),
     Rule(VLLM, "Humming", "compressed-tensors", ALL_INT, (True, False), None, "",
          _V + "kernels/linear/mixed_precision/humming.py (humming-kernels is a vLLM dependency)"),
+    # vLLM: the experts of an MoE go to the fused-MoE method (2-8 bits, pack-quantized, group size dividing the
+    # hidden and the per-partition intermediate size).
+    Rule(VLLM, "WNA16 fused MoE", "compressed-tensors", ALL_INT, (True, False), None, "",
+         _V + "layers/quantization/compressed_tensors/compressed_tensors_moe/compressed_tensors_moe.py, "
+         "compressed_tensors_moe_wna16.py", part="moe"),
     # vLLM: GPTQ checkpoints -> AutoGPTQConfig (Marlin) at 4/8-bit symmetric; anything else only through humming.
     Rule(VLLM, "Marlin (auto_gptq)", "gptq", (4, 8), (True,), (-1, 32, 64, 128), "",
          _V + "layers/quantization/auto_gptq.py (TYPE_MAP, scales_and_zp_size), utils/gptq_utils.py"),
@@ -134,15 +143,23 @@ class Verdict:
 
 
 def servability(facts: CheckpointFacts, rules: tuple[Rule, ...] = RULES) -> list[Verdict]:
-    """Per engine, the paths that load ``facts`` (default paths first) or, when none does, why each refuses."""
+    """Per engine, the paths that load ``facts`` (default paths first) or, when none does, why each refuses. For a
+    checkpoint with MoE experts an engine needs a dense path and an experts path; an engine with no experts rule
+    here is reported as not checked for MoE (its dense verdict stands, marked so)."""
     out: list[Verdict] = []
     for engine in dict.fromkeys(r.engine for r in rules):
-        mine = [r for r in rules if r.engine == engine]
-        ok = [r for r in mine if r.refusal(facts) is None]
-        if ok:
-            out += [Verdict(engine, r.path, True, r.needs, "", r.source) for r in ok]
+        dense = [r for r in rules if r.engine == engine and r.part == "linear"]
+        moe = [r for r in rules if r.engine == engine and r.part == "moe" and r.kind == facts.kind]
+        moe = moe if facts.experts else []
+        ok = [r for r in dense if r.refusal(facts) is None]
+        ok_moe = [r for r in moe if r.refusal(facts) is None]
+        if ok and (ok_moe or not moe):
+            out += [Verdict(engine, r.path, True, r.needs, "", r.source) for r in ok + ok_moe]
+            if facts.experts and not moe:
+                out.append(Verdict(engine, "MoE experts", True, "not checked for this engine", "", ""))
         else:
-            out += [Verdict(engine, r.path, False, r.needs, r.refusal(facts) or "", r.source) for r in mine]
+            refusing = (dense if not ok else []) + (moe if not ok_moe else [])
+            out += [Verdict(engine, r.path, False, r.needs, r.refusal(facts) or "", r.source) for r in refusing]
     return out
 
 
@@ -163,18 +180,24 @@ def describe_checkpoint(qcfg: Mapping[str, Any], in_features: Mapping[str, int] 
             raise ValueError(f"mixed bit widths or symmetry across config groups: {sorted(bits)}, {sorted(syms)}")
         sizes = frozenset(-1 if w.get("strategy") == "channel" else int(w["group_size"]) for w in weights)
         act = any(w.get("actorder") not in (None, False) for w in weights)
-        return CheckpointFacts("compressed-tensors", bits.pop(), syms.pop(), sizes, True, act)
+        return CheckpointFacts("compressed-tensors", bits.pop(), syms.pop(), sizes, True, act, _experts(in_features))
     if method == "gptq":
         g = int(qcfg["group_size"])
         whole = in_features is None or g == -1 or all(k % g == 0 for k in in_features.values())
+        act = bool(qcfg.get("desc_act")) and g != -1
         return CheckpointFacts(
-            "gptq", int(qcfg["bits"]), bool(qcfg["sym"]), frozenset({g}), whole, bool(qcfg.get("desc_act")) and g != -1
+            "gptq", int(qcfg["bits"]), bool(qcfg["sym"]), frozenset({g}), whole, act, _experts(in_features)
         )
     if method == "babai":
         g = int(qcfg.get("group_size", 128))
         whole = in_features is not None and (g == -1 or all(k % g == 0 for k in in_features.values()))
-        return CheckpointFacts("babai", int(qcfg.get("bits", 4)), bool(qcfg.get("sym", True)), frozenset({g}), whole)
+        bits, sym = int(qcfg.get("bits", 4)), bool(qcfg.get("sym", True))
+        return CheckpointFacts("babai", bits, sym, frozenset({g}), whole, False, _experts(in_features))
     raise ValueError(f"quant_method={method!r} is not a checkpoint hf_babai describes")
+
+
+def _experts(in_features: Mapping[str, int] | None) -> bool:
+    return in_features is not None and any(".experts." in name for name in in_features)
 
 
 def format_report(verdicts: list[Verdict]) -> list[str]:
