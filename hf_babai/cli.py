@@ -231,9 +231,9 @@ def _info(args: argparse.Namespace) -> int:
             print(json.dumps({**info, "serving": serving}, indent=2))
         else:
             for k, v in info.items():
-                print(f"{k:>18}: {v}")
+                print(f"{k:>19}: {v}")
             for i, line in enumerate(serving):
-                print(f"{'serving' if i == 0 else '':>18}: {line}")
+                print(f"{'serving' if i == 0 else '':>19}: {line}")
         return 0
     summary = checkpoint_summary(path)
     info = {k: summary[k] for k in ("checkpoint", "architecture", "format", "method", "order", "quantized_layers")}
@@ -249,10 +249,10 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps({**info, "serving": summary["serving"]}, indent=2))
     else:
         for k, v in info.items():
-            print(f"{k:>18}: {v}")
-        print(f"{'load with':>18}: import hf_babai; AutoModelForCausalLM.from_pretrained({str(path)!r})")
+            print(f"{k:>19}: {v}")
+        print(f"{'load with':>19}: import hf_babai; AutoModelForCausalLM.from_pretrained({str(path)!r})")
         for i, line in enumerate(summary["serving"]):
-            print(f"{'serving' if i == 0 else '':>18}: {line}")
+            print(f"{'serving' if i == 0 else '':>19}: {line}")
     return 0
 
 

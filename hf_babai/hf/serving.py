@@ -124,6 +124,8 @@ RULES: tuple[Rule, ...] = (
          whole_groups=False),
     Rule(TRANSFORMERS, "hf_babai module", "babai", (2, 3, 4, 8), (True, False), None, "import hf_babai",
          "hf_babai/hf/quantizer.py", whole_groups=False),
+    Rule(TRANSFORMERS, "hf_babai experts", "babai", (2, 3, 4, 8), (True, False), None, "",
+         "hf_babai/engine/experts.py (tests/test_moe.py reloads MoE checkpoints)", whole_groups=False, part="moe"),
     # GPTQModel reads GPTQ v1 through g_idx (partial last groups are fine) but refuses asymmetric v1 that it did not
     # write itself.
     Rule(GPTQMODEL, "TorchLinear and its GPU kernels", "gptq", (2, 3, 4, 8), (True,), None, "",
