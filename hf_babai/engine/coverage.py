@@ -57,8 +57,8 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
             full = f"{name}.{pname}" if name else pname
             if id(mod) in embeddings:
                 kind = "embedding"
-            elif head is not None and mod is head:
-                kind = "lm_head"
+            elif (head is not None and mod is head) or "lm_head" in full:
+                kind = "lm_head"  # the output head and any layer of it (an MLM-style head's dense), always float
             elif any(s in full for s in skip):
                 kind = "modules_to_not_convert"
             elif sum(d > 1 for d in t.shape) <= 1:
