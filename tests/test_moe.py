@@ -336,3 +336,19 @@ def test_no_clip_formats_quantize_experts_and_reload(fmt, tmp_path):
     model.save_pretrained(tmp_path / "q")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(_logits(again), _logits(model))
+
+
+def test_export_writes_the_checkpoint_names_engines_read(moe_round_trip, tmp_path):
+    """The export names tensors as the architecture's checkpoints do (what ``save_pretrained`` writes and engines
+    read): Mixtral's experts under ``block_sparse_moe`` (vLLM 0.34's Mixtral maps ``.gate_proj.`` to ``.w1.``),
+    not transformers' in-memory ``mlp``."""
+    import hf_babai
+
+    arch, model, _ = moe_round_trip
+    if arch != "mixtral":
+        pytest.skip("Mixtral is the MoE whose disk and memory names differ")
+    hf_babai.export(model, tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.gate_proj.weight_packed" in keys
+    assert not any(".mlp." in k for k in keys)

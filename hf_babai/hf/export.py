@@ -141,6 +141,7 @@ def export(
         state[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
 
     out.mkdir(parents=True, exist_ok=True)
+    state = checkpoint_names(model, state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = qcfg
@@ -164,6 +165,31 @@ def export(
             stacklevel=2,
         )
     return out
+
+
+def checkpoint_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` under the names the architecture's checkpoints use, as ``save_pretrained`` writes them: transformers
+    renames keys between disk and memory for many models (Mixtral's ``block_sparse_moe`` is ``mlp`` in memory,
+    GPT-NeoX's ``embed_out`` is ``lm_head``), and engines read the disk names. Only renamings and the converters
+    that leave packed tensors alone are reversed (:func:`without_quantized_converters`)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+    except ImportError:  # pragma: no cover - transformers without key conversion: memory names are disk names
+        return state
+    from .quantizer import without_quantized_converters
+
+    saved = getattr(model, "_weight_conversions", None)
+    conversions = saved
+    if conversions is None:  # built without from_pretrained: the architecture's mapping, as save_pretrained does
+        conversions = [
+            c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)
+        ]
+    model._weight_conversions = without_quantized_converters(conversions, model) or None
+    try:
+        return revert_weight_conversion(model, state)
+    finally:
+        model._weight_conversions = saved
 
 
 def export_report(checkpoint: str | Path) -> list[str]:
