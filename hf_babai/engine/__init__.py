@@ -34,7 +34,7 @@ from .blocks import (
 from .coverage import check_float_weights, float_share, weight_kinds, weight_report
 from .experts import UnfusedExperts, set_expert_calibration, unfuse_experts
 from .hessians import BlockHessians, capture_hessians
-from .policy import layer_damping, solve_layer, uses_one_pass
+from .policy import QuantizationError, layer_damping, solve_layer, uses_one_pass
 from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
 from .schedules import BlockJob, OnePass, RoundToNearest, Schedule, TwoPass, run_schedule, schedule_for
 
@@ -45,6 +45,7 @@ __all__ = [
     "LayerRecord",
     "OnePass",
     "QuantSpec",
+    "QuantizationError",
     "RoundToNearest",
     "Schedule",
     "TwoPass",
@@ -72,6 +73,25 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def warn_narrow_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """The rule for a Linear narrower than ``group_size``: it gets one group spanning its whole input width (its
+    scales are then per output channel, the best a group that size can do). Said once, naming the layers, so the
+    change of grid is never silent; returns their names."""
+    if spec.group_size == -1:
+        return []
+    narrow = [n for n, lin in quantizable_linears(model, spec.skip).items() if linear_dims(lin)[0] < spec.group_size]
+    if narrow:
+        shown = ", ".join(narrow[:5]) + (f" and {len(narrow) - 5} more" if len(narrow) > 5 else "")
+        log.warning(
+            "%d layers are narrower than group_size=%d, so each is quantized with one group over its whole input "
+            "width (per-channel scales): %s",
+            len(narrow),
+            spec.group_size,
+            shown,
+        )
+    return narrow
 
 
 def quantize_model(
@@ -117,6 +137,7 @@ def quantize_model(
             "decoder blocks run on input_ids"
         )
     check_float_weights(model, spec.skip)  # before any solve: a weight nobody would quantize is named now
+    warn_narrow_layers(model, spec)
     masks = [None] * len(inputs) if attention_mask is None else [attention_mask[i : i + bs] for i in range(0, n, bs)]
     log.info("schedule: %s per block", schedule.name)
     records: list[LayerRecord] = []
@@ -131,7 +152,12 @@ def quantize_model(
         unfuse_experts(block)
         set_expert_calibration(block, spec.expert_calibration)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
-        outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
+        try:
+            outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
+        except (ValueError, torch.linalg.LinAlgError) as e:  # the layer's full name, whoever raised
+            raise QuantizationError(
+                f"{blocks_name}.{b}.{e}" if isinstance(e, QuantizationError) else f"{blocks_name}.{b}: {e}"
+            ) from e
         set_expert_calibration(block, "routed")
         del linears  # the float Linears: freed below with the block's Hessians and factors
         if outputs is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..formats import get_format
@@ -21,6 +22,10 @@ if TYPE_CHECKING:  # hessians imports this module for the damping rule
     from .hessians import BlockHessians
 
 log = logging.getLogger(__name__)
+
+
+class QuantizationError(ValueError):
+    """A layer could not be quantized; the message starts with the layer's name (block and Linear)."""
 
 
 def layer_damping(in_features: int, tokens: int, spec: QuantSpec) -> float:
@@ -52,7 +57,10 @@ def solve_layer(name: str, lin: nn.Linear, hessians: BlockHessians) -> Any:
     """Solves the Linear ``name`` of a block into its format, with the block's Hessian of its input."""
     spec = hessians.spec
     w = lin.weight.detach().float()
-    factor, hessian = hessians.factor(name, w.shape[1])
-    solution = get_format(spec.format).solve(w, factor, spec, hessian)
+    try:
+        factor, hessian = hessians.factor(name, w.shape[1])
+        solution = get_format(spec.format).solve(w, factor, spec, hessian)
+    except (ValueError, torch.linalg.LinAlgError) as e:
+        raise QuantizationError(f"{name}: {e}") from e
     trim_heap()
     return solution

@@ -136,6 +136,43 @@ def check_checkpoint(model: nn.Module, modules: dict[str, nn.Module], files: lis
         )
 
 
+def nonfinite_in_files(files: list[str]) -> list[str]:
+    """Stored scales, codebooks and other float side tensors (every float tensor not named ``weight`` or ``bias``)
+    that hold NaN or Inf, by name: such a checkpoint loads but produces NaN logits."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key.rsplit(".", 1)[-1] in ("weight", "bias") or sf.get_slice(key).get_dtype() not in _FLOAT_ST:
+                    continue
+                n = int((~torch.isfinite(sf.get_tensor(key))).sum())
+                if n:
+                    bad.append(f"{key} in {Path(f).name} has {n} NaN/Inf values")
+    return bad
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuses a loaded model whose quantized modules hold NaN/Inf in a float tensor (scales, codebooks, bias)."""
+    bad = []
+    for name, mod, _ in quantized_modules(model):
+        for leaf, t in [*mod.named_buffers(recurse=False), *mod.named_parameters(recurse=False)]:
+            if t.is_floating_point() and t.device.type != "meta":
+                n = int((~torch.isfinite(t)).sum())
+                if n:
+                    bad.append(f"{name}.{leaf} has {n} NaN/Inf values")
+    if bad:
+        raise CheckpointError(
+            "this babai checkpoint stores non-finite values, so the model would produce NaN logits:\n  "
+            + "\n  ".join(bad[:20])
+            + "\nRe-save or re-download the checkpoint (or quantize the model again)."
+        )
+
+
+_FLOAT_ST = ("F16", "BF16", "F32", "F64")
+
+
 def _as_loaded(model: nn.Module, header: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's tensors under the names they load into. transformers 5 renames keys between disk and memory
     for many architectures (GPT-NeoX's ``embed_out`` is ``lm_head`` in memory; vision-language models keep
@@ -239,6 +276,7 @@ class BabaiHfQuantizer(HfQuantizer):
         if hasattr(model, "add_model_tags"):  # so even transformers' generic push_to_hub card says what this is
             model.add_model_tags(["hf_babai", "babai"])
         if self.pre_quantized:
+            check_finite(model)
             return model
         cfg = self.quantization_config
         ids = mask = None

@@ -35,6 +35,7 @@ damped objective for that coordinate — not a fallback.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -96,7 +97,12 @@ class LayerStats:
     scales: str = ""  # the scale search behind the codes, set by the engine (e.g. "mse", "hmse+refit")
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
+        """The record as one ``quant_log.csv`` row; without a refinement step, Babai's point is the result, so
+        ``loss_babai`` is ``loss`` (never an empty column)."""
+        d = asdict(self)
+        if math.isnan(self.loss_babai):
+            d["loss_babai"] = self.loss
+        return d
 
 
 @dataclass
