@@ -34,6 +34,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .perplexity import calibration_windows, eval_windows, perplexity
 
     torch.manual_seed(0)
+    _threads(args.threads)
+    if args.quick:  # the one-minute try: one bit width, a small calibration set and a short evaluation
+        args.bits, args.calib, args.calib_seqlen, args.seqlen, args.windows = [4], 8, 256, 512, 4
+    extra = {"scale_method": "minmax"} if args.quick else {}
     path = assets.ensure_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     evalw = eval_windows(tok, assets.eval_text(), args.seqlen, args.windows)
@@ -48,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
     results = [{"bits": 16, "ppl": fp}]
     for bits in args.bits:
         model = load()
-        spec = QuantSpec(bits=bits, group_size=args.group_size, order=args.order, method=args.method)
+        spec = QuantSpec(bits=bits, group_size=args.group_size, order=args.order, method=args.method, **extra)
         t0 = time.perf_counter()
         quantize_model(model, spec, calib, progress=not args.quiet)
         secs = time.perf_counter() - t0
@@ -68,26 +72,115 @@ class CliError(Exception):
     """A problem with the user's input; printed as ``error: ...`` with exit code 1."""
 
 
-def _read_texts(source: str) -> list[str] | str:
-    """``austen`` (built-in), a ``.txt`` file (one document) or a ``.jsonl`` file (one ``{"text": ...}`` per line)."""
+def _read_jsonl(path: Path) -> list[str] | list[dict]:
+    """One JSON object a line: all with a string ``text`` or all with ``input_ids`` (a list of token ids)."""
+    rows: list = []
+    kind = None
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        this = "text" if isinstance(row, dict) and isinstance(row.get("text"), str) else None
+        if isinstance(row, dict) and isinstance(row.get("input_ids"), list):
+            this = "input_ids"
+        if this is None or (kind is not None and this != kind):
+            raise CliError(
+                f"{path}:{i}: each line must be a JSON object with a string 'text' field, or each with an "
+                "'input_ids' list of token ids (not a mix)"
+            )
+        kind = this
+        rows.append(row["text"] if kind == "text" else {k: row[k] for k in ("input_ids", "attention_mask") if k in row})
+    if not rows:
+        raise CliError(f"{path} has no calibration rows")
+    return rows
+
+
+def _read_token_file(path: Path) -> object:
+    """A ``.pt`` file of token ids: an integer tensor ``[n, T]`` or a list of ``{"input_ids": ...}`` rows."""
+    import torch
+
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a tensor archive
+        raise CliError(f"{path} cannot be read with torch.load ({type(e).__name__}: {e})") from None
+    if isinstance(data, torch.Tensor) or (isinstance(data, list) and data and isinstance(data[0], dict)):
+        return data
+    raise CliError(f"{path} holds {type(data).__name__}; save an integer tensor [n, T] or a list of input_ids dicts")
+
+
+def _read_datasets(name: str, config: str | None, split: str, column: str) -> list[str] | list[dict]:
+    """A column of a ``datasets`` dataset (a Hub name or a local folder of data files): text or token ids."""
+    try:
+        import datasets
+    except ImportError:
+        raise CliError("--dataset datasets:NAME needs the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (missing split, config, connection)
+        raise CliError(f"cannot load dataset {name!r} (config {config!r}, split {split!r}): {e}") from None
+    if column not in ds.column_names:
+        raise CliError(f"dataset {name!r} has no column {column!r}; its columns: {ds.column_names} (--dataset-column)")
+    values = ds[column]
+    if all(isinstance(v, str) for v in values):
+        return [v for v in values if v.strip()]
+    return [{"input_ids": list(v)} for v in values]
+
+
+def _read_dataset(args: argparse.Namespace) -> object:
+    """``--dataset``: ``austen`` (built-in), a ``.txt`` file (one document), a ``.jsonl`` file (``text`` or
+    ``input_ids`` per line), a ``.pt`` file of token ids, or ``datasets:NAME`` (with ``--dataset-config``,
+    ``--dataset-split``, ``--dataset-column``)."""
+    source = args.dataset
     if source == "austen":
         return "austen"
+    if source.startswith("datasets:"):
+        return _read_datasets(source[len("datasets:") :], args.dataset_config, args.dataset_split, args.dataset_column)
     path = Path(source)
     if not path.is_file():
-        raise CliError(f"--dataset {source!r} is neither 'austen' nor an existing .txt/.jsonl file")
+        raise CliError(
+            f"--dataset {source!r} is neither 'austen', 'datasets:NAME', nor an existing .txt/.jsonl/.pt file"
+        )
     if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise CliError(f"{path}:{i}: each line must be a JSON object with a string 'text' field")
-                texts.append(row["text"])
-        return texts
+        return _read_jsonl(path)
+    if path.suffix == ".pt":
+        return _read_token_file(path)
     return [path.read_text(encoding="utf-8")]
 
 
-def _peak_rss_gb() -> float:
+def _max_memory(items: list[str] | None) -> dict | None:
+    """``cpu=2GiB 0=20GiB`` → accelerate's ``max_memory``; a clear error for anything else."""
+    if not items:
+        return None
+    out: dict = {}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        if not sep or not key or not value:
+            raise CliError(f"--max-memory takes DEVICE=SIZE pairs like cpu=2GiB 0=20GiB, got {kv!r}")
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def _check_model(src: str) -> None:
+    """A model argument that is clearly a local path (absolute, ``./``, ``~``, more than one ``/``) must exist,
+    so it is not reported as a bad Hub repo id."""
+    looks_local = src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src
+    if looks_local and not Path(src).expanduser().exists():
+        raise CliError(f"model folder {src} does not exist; give an existing folder or a Hub id like org/name")
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise CliError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -105,19 +198,29 @@ def _quantize(args: argparse.Namespace) -> int:
     import hf_babai
     from hf_babai.engine import LAYER_TABLE_HEADER, weight_report
     from hf_babai.formats import get_format
+    from hf_babai.hf.files import check_destination, staged_folder
 
     src = args.model
-    cfg_src = AutoConfig.from_pretrained(src)
+    _check_model(src)
+    _threads(args.threads)
+    sources = {"the model": src} if Path(src).exists() else {}
+    out = check_destination(args.out, overwrite=args.overwrite, sources=sources)
+    exports = [(f, t) for f, t in ((args.export, "compressed-tensors"), (args.export_gptq, "gptq")) if f]
+    for i, (folder, _) in enumerate(exports):
+        others = {"--out": out, **sources, **{f"the {t} export": f for f, t in exports[:i]}}
+        check_destination(folder, overwrite=args.overwrite, sources=others)
+    memory = _max_memory(args.max_memory)
+    try:
+        cfg_src = AutoConfig.from_pretrained(src)
+    except OSError as e:
+        raise CliError(f"cannot load the model {src}: {str(e).splitlines()[0]}") from None
     if getattr(cfg_src, "quantization_config", None) is not None:
         qm = cfg_src.quantization_config
         qm = qm.get("quant_method") if isinstance(qm, dict) else getattr(qm, "quant_method", qm)
         raise CliError(f"{src} is already quantized (quant_method={qm!r}); start from the full-precision model")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CliError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     tok = AutoTokenizer.from_pretrained(src)
     fields = _settings_from(args)
-    dataset = _read_texts(args.dataset) if fields.get("method", "babai") == "babai" else None
+    dataset = _read_dataset(args) if fields.get("method", "babai") == "babai" else None
     qcfg = hf_babai.BabaiConfig(dataset=dataset, tokenizer=tok, **fields)
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
@@ -138,21 +241,19 @@ def _quantize(args: argparse.Namespace) -> int:
         load_kw["device_map"] = args.device_map
     if args.offload_folder:
         load_kw["offload_folder"] = args.offload_folder
-    if args.max_memory:
-        load_kw["max_memory"] = {
-            (int(k) if k.isdigit() else k): v for k, v in (kv.split("=", 1) for kv in args.max_memory)
-        }
+    if memory:
+        load_kw["max_memory"] = memory
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, **load_kw)
     secs = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    hf_babai.write_quant_log(model, out / "quant_log.csv")
-    for folder, target in ((args.export, "compressed-tensors"), (args.export_gptq, "gptq")):
-        if folder:
-            hf_babai.export(model, folder, target)
-            tok.save_pretrained(folder)
+    with staged_folder(out) as tmp:  # nothing at --out until every file is written
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        hf_babai.write_quant_log(model, tmp / "quant_log.csv")
+    for folder, target in exports:
+        with staged_folder(folder) as tmp:
+            hf_babai.export(model, tmp, target)
+            tok.save_pretrained(tmp)
     records = hf_babai.hf.quant_log_records(model)
     loss = sum(float(r.stats["loss"]) for r in records)
     bound = sum(float(r.stats["bound"]) for r in records)
@@ -170,9 +271,9 @@ def _quantize(args: argparse.Namespace) -> int:
         "bits_per_weight_all": weights["bits_per_weight_all"],
         "float_share": weights["float_share"],
         "seconds": round(secs, 1),
-        "peak_rss_gb": round(_peak_rss_gb(), 2),
-        "size_before_mb": round(src_bytes / 2**20, 1),
-        "size_after_mb": round(_dir_bytes(out) / 2**20, 1),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "size_before_mib": round(src_bytes / 2**20, 1),
+        "size_after_mib": round(_dir_bytes(out) / 2**20, 1),
         "loss": loss,
         "bound": bound,
     }
@@ -181,8 +282,8 @@ def _quantize(args: argparse.Namespace) -> int:
         f"quantized {summary['layers']} layers of {src} to {what} in {secs:.0f}s: "
         f"{summary['bits_per_weight']:.3f} bits/weight in the quantized layers, "
         f"{summary['bits_per_weight_all']:.3f} over all weights (float: {_shares(summary['float_share'])}), "
-        f"peak RSS {summary['peak_rss_gb']:.2f} GB, "
-        f"checkpoint {summary['size_before_mb']:.0f} MB -> {summary['size_after_mb']:.0f} MB; "
+        f"peak RSS {summary['peak_rss_gib']:.2f} GiB, "
+        f"checkpoint {summary['size_before_mib']:.0f} MiB -> {summary['size_after_mib']:.0f} MiB; "
         f"saved to {out} (quant_log.csv has the per-layer table)"
     )
     if args.json:
@@ -202,14 +303,15 @@ def _export(args: argparse.Namespace) -> int:
 
     import hf_babai
     from hf_babai.hf.export import export_report
+    from hf_babai.hf.files import check_destination, staged_folder
+    from hf_babai.hf.summary import read_babai_config
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CliError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    read_babai_config(args.source)  # a clear error for a folder that is not a babai checkpoint, before any work
+    out = check_destination(args.out, overwrite=args.overwrite, sources={"the source checkpoint": args.source})
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, staged_folder(out) as tmp:
         warnings.simplefilter("always")
-        hf_babai.export(args.source, out, args.format, dtype=dtype)
+        hf_babai.export(args.source, tmp, args.format, dtype=dtype)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"exported {args.source} to {out} ({args.format})")
@@ -225,7 +327,7 @@ def _info(args: argparse.Namespace) -> int:
     method = (read_config(path).get("quantization_config") or {}).get("quant_method")
     if method in ("compressed-tensors", "gptq"):
         info = exported_summary(path)
-        info["size_mb"] = round(info.pop("size_bytes") / 2**20, 1)
+        info["size_mib"] = round(info.pop("size_bytes") / 2**20, 1)
         serving = info.pop("serving")
         if args.json:
             print(json.dumps({**info, "serving": serving}, indent=2))
@@ -240,7 +342,7 @@ def _info(args: argparse.Namespace) -> int:
     info["bits_per_weight"] = summary["bits_per_weight"]
     info["bits_per_weight_all"] = summary["bits_per_weight_all"]
     info["float"] = _shares(summary["float_share"])
-    info["size_mb"] = round(summary["size_bytes"] / 2**20, 1)
+    info["size_mib"] = round(summary["size_bytes"] / 2**20, 1)
     info["calibration"] = summary["calibration"]
     info["checked"] = "every packed tensor present with the right shape and dtype"
     if summary["layer_stats"] is not None:
@@ -260,15 +362,37 @@ def _eval_file(path: Path) -> Path:
     return path / "eval_results.json"
 
 
+def _saved_evals(checkpoint: Path, given: str | None) -> list[dict] | None:
+    """Evaluation results for the card: ``--eval-results FILE``, else the checkpoint's ``eval_results.json``
+    (from ``hf-babai eval --save``), used only when it records these very weights (their SHA-256)."""
+    from hf_babai.hf.summary import weights_sha256
+
+    file = Path(given) if given else _eval_file(checkpoint)
+    if not file.is_file():
+        if given:
+            raise CliError(f"--eval-results {file} does not exist")
+        return None
+    try:
+        saved = json.loads(file.read_text())
+        rows, recorded = saved["eval_results"], saved.get("checkpoint_sha256")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CliError(f"{file} is not an eval_results.json written by `hf-babai eval --save` ({e})") from None
+    if recorded != weights_sha256(checkpoint):
+        why = "records no checkpoint hash" if recorded is None else "was measured on other weights"
+        raise CliError(
+            f"{file} {why}, so its figures may not describe {checkpoint}; run `hf-babai eval {checkpoint} --save` "
+            "again, or delete the file to publish without evaluation results"
+        )
+    return rows
+
+
 def _publish(args: argparse.Namespace) -> int:
     import hf_babai
 
     path = Path(args.checkpoint)
-    evals = None
-    if _eval_file(path).is_file():  # written by `hf-babai eval --save`
-        evals = json.loads(_eval_file(path).read_text())["eval_results"]
+    evals = _saved_evals(path, args.eval_results)
     try:
-        url = hf_babai.publish(
+        result = hf_babai.publish(
             path,
             args.repo_id,
             private=args.private or None,
@@ -278,10 +402,19 @@ def _publish(args: argparse.Namespace) -> int:
             commit_message=args.message,
             revision=args.revision,
             license=args.license,
+            timeout=args.timeout,
+            dry_run=args.dry_run,
+            install=args.install,
         )
-    except hf_babai.PublishError as e:  # token problems and Hub refusals: a message, not a traceback
+    except hf_babai.PublishError as e:  # token problems, Hub refusals and outages: a message, not a traceback
         raise CliError(str(e)) from None
-    print(f"published: {url}")
+    if args.dry_run:
+        print("\n".join(result.lines()))
+        print("--- README.md (model card) ---")
+        print(result.card)
+        print("dry run: nothing was uploaded")
+        return 0
+    print(f"published: {result}")
     return 0
 
 
@@ -300,8 +433,11 @@ def _eval(args: argparse.Namespace) -> int:
     res = hf_babai.evaluate(model, tok, args.tasks, limit=limit, text_file=args.text_file)
     print(res.table())
     if args.save:
+        from hf_babai.hf.summary import weights_sha256
+
         rows = [{k: getattr(e, k) for k in EVAL_FIELDS} for e in res.eval_results]
-        _eval_file(path).write_text(json.dumps({"results": res.results, "eval_results": rows}, indent=2))
+        saved = {"checkpoint_sha256": weights_sha256(path), "results": res.results, "eval_results": rows}
+        _eval_file(path).write_text(json.dumps(saved, indent=2))
         print(f"saved to {_eval_file(path)} (`hf-babai publish` puts it into the model card)")
     return 0
 
@@ -351,13 +487,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--windows", type=int, default=DEFAULTS["windows"], help="evaluation windows")
     demo.add_argument("--json", action="store_true", help="also print the results as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first try in a minute or two on a laptop CPU: 4-bit only, 8 x 256 calibration tokens, min-max "
+        "scales, a short evaluation",
+    )
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
 
     q = sub.add_parser("quantize", help="quantize a model folder (or Hub id) and save a babai checkpoint")
     q.add_argument("model", help="full-precision model folder or Hub id")
     q.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     for name in settings():
         add_setting(q, name)
-    q.add_argument("--dataset", default="austen", help="'austen' (offline default), a .txt file or a .jsonl file")
+    q.add_argument(
+        "--dataset",
+        default="austen",
+        help="calibration data: 'austen' (built-in), a .txt file, a .jsonl file (a 'text' or an 'input_ids' field "
+        "per line), a .pt file of token ids [n, T], or datasets:NAME (a Hub dataset or a local data folder)",
+    )
+    q.add_argument("--dataset-config", default=None, help="config name of a datasets:NAME dataset")
+    q.add_argument("--dataset-split", default="train", help="split of a datasets:NAME dataset (default: train)")
+    q.add_argument("--dataset-column", default="text", help="column of a datasets:NAME dataset: text or token ids")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
     q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")
@@ -393,6 +545,16 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--message", default=None, help="commit message")
     pub.add_argument("--card-template", default=None, help="Jinja card template instead of the default")
     pub.add_argument("--license", default=None)
+    pub.add_argument(
+        "--eval-results",
+        default=None,
+        help="eval_results.json for the card (default: the checkpoint's own, if it records these weights)",
+    )
+    pub.add_argument(
+        "--install", default=None, help='install command for the card, e.g. pip install "hf-babai @ git+URL"'
+    )
+    pub.add_argument("--timeout", type=float, default=60.0, help="seconds a Hub request may stall (default: 60)")
+    pub.add_argument("--dry-run", action="store_true", help="print the files and the card; upload nothing")
 
     ev = sub.add_parser("eval", help="evaluate a babai checkpoint with lm-eval")
     ev.add_argument("checkpoint", help="checkpoint folder")
@@ -416,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the staged output folder is removed on the way out: nothing half-written remains
+        print(f"interrupted: `hf-babai {args.command}` stopped; no partial output was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

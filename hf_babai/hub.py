@@ -1,5 +1,10 @@
 """Publishing to the Hugging Face Hub: checkpoint + tokenizer + ``quant_log.csv`` + an auto-generated card, one commit.
 
+Only the files a checkpoint is made of go up (:func:`checkpoint_files`); anything else in the folder (notes,
+``.env``, an old ``eval_results.json``) is listed as skipped. The same commit deletes the repo's files that the
+new checkpoint does not have, so the Hub never serves a mix of two versions. Every HTTP call has a timeout, and a
+Hub that is down or stalls ends in one line naming the endpoint.
+
 Why not ``model.push_to_hub``: transformers writes a generic card (``library_name: transformers``, no
 quantization facts) into every push to a repo that has none. :func:`publish` writes the checkpoint and our
 card in a single commit instead; a later ``model.push_to_hub`` to the same repo loads the existing card and
@@ -11,28 +16,115 @@ the card, not in logs, not in any saved file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import json
 import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError
+import httpx2
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    get_token,
+)
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import _http as hub_http
 
 from .hf import write_quant_log
+from .hf.files import checkpoint_files
 from .hf.summary import checkpoint_summary
 
 log = logging.getLogger(__name__)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CARD_FILES = ("README.md",)
+#: Repo files a new checkpoint never deletes (the Hub's own LFS rules).
+KEEP_IN_REPO = (".gitattributes",)
+DEFAULT_TIMEOUT = 60.0
 
 
 class PublishError(RuntimeError):
     """Publishing cannot start or failed; the message says what to fix."""
+
+
+@dataclass
+class PublishPlan:
+    """What :func:`publish` uploads, skips and deletes; ``hf-babai publish --dry-run`` prints it."""
+
+    repo_id: str
+    revision: str | None
+    upload: list[str]
+    skipped: list[str]
+    delete: list[str]
+    card: str = field(repr=False)
+
+    def lines(self) -> list[str]:
+        """The plan as text, one file a line."""
+        out = [f"repo {self.repo_id}" + (f" (branch {self.revision})" if self.revision else "")]
+        out += [f"  upload  {f}" for f in self.upload]
+        out += [f"  delete  {f} (not in the new checkpoint)" for f in self.delete]
+        out += [f"  skip    {f} (not part of a checkpoint)" for f in self.skipped]
+        return out
+
+
+@contextlib.contextmanager
+def hub_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub's shared HTTP client with a timeout per request (its default waits forever on a stalled
+    Hub); the previous client factory is restored afterwards. Uploads keep huggingface_hub's own retries."""
+
+    def factory() -> httpx2.Client:
+        client = hub_http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+        return client
+
+    previous = hub_http._GLOBAL_CLIENT_FACTORY
+    hub_http.set_client_factory(factory)
+    try:
+        yield
+    finally:
+        hub_http.set_client_factory(previous)
+
+
+def _unreachable(endpoint: str, e: Exception, when: str) -> PublishError:
+    if isinstance(e, httpx2.TimeoutException):
+        what, fix = "did not answer in time", "try again later or pass a longer timeout (--timeout)"
+    else:
+        what, fix = "cannot be reached", "check the network and the endpoint (HF_ENDPOINT)"
+    return PublishError(f"the Hub at {endpoint} {what} ({type(e).__name__}) {when}; {fix}")
+
+
+def install_line(given: str | None = None) -> str | None:
+    """The card's install command: ``given``, else where this hf_babai was installed from when pip recorded a
+    repository or archive URL (``pip install "hf-babai @ git+URL@COMMIT"``), else ``None`` (hf_babai is not on
+    PyPI, so ``pip install hf-babai`` would not work for a reader)."""
+    if given:
+        return given
+    import importlib.metadata
+
+    try:
+        raw = importlib.metadata.distribution("hf-babai").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not raw:
+        return None
+    info = json.loads(raw)
+    url = info.get("url", "")
+    if url.startswith("file:"):
+        return None  # a local checkout: no address a reader could use
+    vcs = info.get("vcs_info")
+    if vcs:
+        return f'pip install "hf-babai @ {vcs["vcs"]}+{url}@{vcs["commit_id"]}"'
+    return f'pip install "hf-babai @ {url}"'
 
 
 def default_template() -> Path:
@@ -65,7 +157,6 @@ def _base_model(checkpoint: Path, base_model: str | None) -> str | None:
         if not REPO_ID.match(base_model):
             raise ValueError(f"base_model={base_model!r} is not a Hub repo id like 'org/name'")
         return base_model
-    import json
 
     name = json.loads((checkpoint / "config.json").read_text()).get("_name_or_path") or ""
     if REPO_ID.match(name) and not Path(name).exists():
@@ -82,6 +173,7 @@ def build_card(
     eval_results: Iterable[EvalResult | dict] | None = None,
     template: str | Path | None = None,
     license: str | None = None,
+    install: str | None = None,
 ) -> ModelCard:
     """Renders the model card of a saved babai checkpoint (validated first; see ``checkpoint_summary``).
 
@@ -116,8 +208,21 @@ def build_card(
     path = Path(template) if template is not None else default_template()
     if not path.is_file():
         raise ValueError(f"card template {path} does not exist")
+    install = install_line(install)
+    if install is None:
+        log.warning(
+            "the card cannot say where to install hf_babai from (it is not on PyPI and this copy was installed from "
+            "a local folder); pass install='pip install \"hf-babai @ git+URL\"' (--install) so readers can load it"
+        )
     return ModelCard.from_template(
-        data, template_path=str(path), model_title=name, repo_id=repo_id, base_model=base, q=q, evals=evals
+        data,
+        template_path=str(path),
+        model_title=name,
+        repo_id=repo_id,
+        base_model=base,
+        q=q,
+        evals=evals,
+        install=install,
     )
 
 
@@ -141,6 +246,70 @@ def _check_token(api: HfApi, token: str | None) -> tuple[str, str]:
     return tok, who["name"]
 
 
+def _repo_files(api: HfApi, repo_id: str, revision: str | None, token: str | None) -> list[str]:
+    """The files the repo serves now at ``revision`` (a missing branch starts from ``main``; no repo: none)."""
+    try:
+        return api.list_repo_files(repo_id, revision=revision, token=token)
+    except RevisionNotFoundError:
+        return _repo_files(api, repo_id, None, token)
+    except RepositoryNotFoundError:
+        return []
+
+
+def _stage(model_or_dir: Any, tokenizer: Any, tmp: Path) -> Path:
+    """The folder to publish: the user's own (never written to) or a staged copy with the model/tokenizer saved."""
+    if isinstance(model_or_dir, (str, Path)):
+        folder = Path(model_or_dir)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
+        if tokenizer is None:
+            return folder
+        staged = tmp / "checkpoint"
+        shutil.copytree(folder, staged)
+    else:
+        staged = tmp / "checkpoint"
+        model_or_dir.save_pretrained(staged)
+        try:
+            write_quant_log(model_or_dir, staged / "quant_log.csv")
+        except ValueError:
+            log.info("no per-layer records in this process; the card will not have the per-layer table")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staged)
+    return staged
+
+
+def plan_publish(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    repo_files: Iterable[str] = (),
+    revision: str | None = None,
+    eval_results: Iterable[EvalResult | dict] | None = None,
+    card_template: str | Path | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    install: str | None = None,
+) -> PublishPlan:
+    """What publishing ``folder`` to ``repo_id`` does, given the files the repo has now: the checkpoint's files
+    and the card go up, the repo's other files (except ``.gitattributes``) are deleted, the folder's other files
+    are skipped. Validates the checkpoint (through the card) before anything touches the Hub."""
+    card = build_card(
+        folder,
+        repo_id,
+        base_model=base_model,
+        eval_results=eval_results,
+        template=card_template,
+        license=license,
+        install=install,
+    )
+    upload, skipped = checkpoint_files(folder)
+    if "README.md" in skipped:  # the folder's own card is replaced by the generated one, not a user file we drop
+        skipped.remove("README.md")
+    new = {*upload, "README.md"}
+    delete = sorted(f for f in repo_files if f not in new and f not in KEEP_IN_REPO)
+    return PublishPlan(repo_id, revision, [*upload, "README.md"], skipped, delete, str(card))
+
+
 def publish(
     model_or_dir: Any,
     repo_id: str,
@@ -155,8 +324,15 @@ def publish(
     base_model: str | None = None,
     license: str | None = None,
     endpoint: str | None = None,
-) -> str:
+    install: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    dry_run: bool = False,
+) -> str | PublishPlan:
     """Uploads a babai checkpoint with its model card in one commit; returns the commit URL.
+
+    The commit holds exactly the checkpoint's files (:func:`checkpoint_files`) and the card, and deletes the
+    repo's files that this checkpoint does not have (a 3-bit version published over a 4-bit one leaves no 4-bit
+    shard behind); skipped and deleted files are logged as warnings.
 
     Args:
         model_or_dir: a model quantized with hf_babai (saved to a temporary folder first, with its
@@ -164,48 +340,48 @@ def publish(
         repo_id: ``org/name`` (or ``name`` for the token's user); created if needed.
         tokenizer: saved beside the weights (a folder's own tokenizer files are uploaded as they are).
         eval_results: ``huggingface_hub.EvalResult`` objects or dicts, e.g. from :func:`hf_babai.evaluate`;
-            written into the card as a table and as ``model-index``.
+            written into the card as a table and as ``model-index``. Nothing is read from the folder.
         card_template: a Jinja template instead of ``model_cards/babai.md``.
         revision: branch to commit to (created from ``main`` if missing).
         base_model: the original model's Hub id, when the checkpoint's config does not name it.
+        install: the card's command to install hf_babai (default: where this copy came from, when pip knows).
+        timeout: seconds each HTTP request may wait for the Hub before it counts as stalled.
+        dry_run: return the :class:`PublishPlan` (files, deletions, card) and change nothing on the Hub.
     """
     api = HfApi(endpoint=endpoint)
-    tok, user = _check_token(api, token)
-    with tempfile.TemporaryDirectory(prefix="hf_babai_publish_") as tmp:
-        if isinstance(model_or_dir, (str, Path)):
-            folder = Path(model_or_dir)
-            if not (folder / "config.json").is_file():
-                raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
-        else:
-            folder = Path(tmp) / "checkpoint"
-            model_or_dir.save_pretrained(folder)
-            try:
-                write_quant_log(model_or_dir, folder / "quant_log.csv")
-            except ValueError:
-                log.info("no per-layer records in this process; the card will not have the per-layer table")
-        if tokenizer is not None:
-            if isinstance(model_or_dir, (str, Path)):  # never write into the user's folder
-                staged = Path(tmp) / "checkpoint"
-                shutil.copytree(folder, staged)
-                folder = staged
-            tokenizer.save_pretrained(folder)
+    where = api.endpoint
+    with hub_timeout(timeout), tempfile.TemporaryDirectory(prefix="hf_babai_publish_") as tmp:
+        try:
+            tok, user = _check_token(api, token)
+        except (httpx2.TransportError, OSError) as e:
+            raise _unreachable(where, e, "while checking the token; nothing was uploaded") from None
+        folder = _stage(model_or_dir, tokenizer, Path(tmp))
         if "/" not in repo_id:
             repo_id = f"{user}/{repo_id}"
-        # the card validates the checkpoint, so a broken folder fails before the repo is created
-        card = build_card(
-            folder, repo_id, base_model=base_model, eval_results=eval_results, template=card_template, license=license
+        plan_kw = dict(
+            revision=revision,
+            eval_results=eval_results,
+            card_template=card_template,
+            base_model=base_model,
+            license=license,
+            install=install,
         )
+        # the card validates the checkpoint, so a broken folder fails before the repo is created
+        plan_publish(folder, repo_id, **plan_kw)
         try:
+            if dry_run:
+                return plan_publish(folder, repo_id, repo_files=_repo_files(api, repo_id, revision, tok), **plan_kw)
             repo_id = api.create_repo(repo_id, token=tok, private=private, exist_ok=True).repo_id
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, token=tok, exist_ok=True)
-            files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
-            ops = [
-                CommitOperationAdd(path_in_repo=f.relative_to(folder).as_posix(), path_or_fileobj=str(f))
-                for f in files
-                if f.relative_to(folder).as_posix() not in CARD_FILES
+            plan = plan_publish(folder, repo_id, repo_files=_repo_files(api, repo_id, revision, tok), **plan_kw)
+            ops: list = [
+                CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f))
+                for f in plan.upload
+                if f not in CARD_FILES
             ]
-            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=plan.card.encode()))
+            ops += [CommitOperationDelete(path_in_repo=f) for f in plan.delete]
             info = api.create_commit(
                 repo_id,
                 ops,
@@ -219,5 +395,11 @@ def publish(
                 f"the Hub refused the upload to {repo_id} ({status}: {e.server_message or e}); check that the token "
                 f"can write to that namespace and that the repo id is right"
             ) from None
-    log.info("published %s (%d files)", repo_id, len(ops))
+        except (httpx2.TransportError, OSError) as e:
+            raise _unreachable(where, e, f"while uploading to {repo_id}; run publish again to finish") from None
+    if plan.skipped:
+        log.warning("not uploaded (not part of a checkpoint): %s", ", ".join(plan.skipped))
+    if plan.delete:
+        log.warning("deleted from %s (not in the new checkpoint): %s", repo_id, ", ".join(plan.delete))
+    log.info("published %s (%d files)", repo_id, len(plan.upload))
     return info.commit_url

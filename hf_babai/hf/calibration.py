@@ -49,6 +49,21 @@ def _from_dicts(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return out_ids, out_mask
 
 
+def _from_dataset(ds: Any) -> list[str] | list[dict]:
+    """A ``datasets.Dataset``: its ``input_ids`` column (token ids, with ``attention_mask`` if present) or, failing
+    that, its ``text`` column."""
+    cols = ds.column_names
+    if "input_ids" in cols:
+        keep = [c for c in ("input_ids", "attention_mask") if c in cols]
+        return [{c: row[c] for c in keep} for row in ds]
+    if "text" in cols:
+        return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    raise ValueError(
+        f"BabaiConfig: a datasets.Dataset needs an 'input_ids' or a 'text' column, this one has {cols}; "
+        "select or rename one (ds.rename_column(...))"
+    )
+
+
 def calibration_batches(
     cfg: BabaiConfig, model: torch.nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
@@ -60,6 +75,8 @@ def calibration_batches(
     if data is None:
         raise ValueError(MISSING_DATASET)
     mask = None
+    if hasattr(data, "column_names") and not isinstance(data, (list, str)):  # a datasets.Dataset
+        data = _from_dataset(data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int32, torch.int64):
             raise ValueError(

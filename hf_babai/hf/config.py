@@ -39,8 +39,9 @@ class BabaiConfig(QuantizationConfigMixin):
 
     Args:
         dataset: calibration data: a list of texts (joined, cut into random windows), ``"austen"`` (the built-in
-            public-domain text shipped with the package), a ``[n, T]`` tensor of token ids, or a list of
-            ``{"input_ids", "attention_mask"}`` dicts. Not saved.
+            public-domain text shipped with the package), a ``[n, T]`` tensor of token ids, a list of
+            ``{"input_ids", "attention_mask"}`` dicts, or a ``datasets.Dataset`` with an ``input_ids`` or ``text``
+            column. Not saved.
         tokenizer: tokenizer object or path for text datasets (default: the model's own). Not saved.
         calibration: descriptor of the calibration data, filled in when quantizing (read back from checkpoints).
         format_version: the checkpoint layout version this hf_babai reads.

@@ -86,8 +86,12 @@ def export(
         from transformers import AutoModelForCausalLM
 
         src_dir = Path(model_or_dir)
-        if out.resolve() == src_dir.resolve():
-            raise ValueError(f"export into the source folder {src_dir} would overwrite it; choose another folder")
+        same = out.resolve() == src_dir.resolve()
+        if same or src_dir.resolve() in out.resolve().parents:
+            where = "the source folder" if same else "inside the source folder"
+            raise ValueError(
+                f"export into {out}, {where} {src_dir}, would change the checkpoint it reads; choose another folder"
+            )
         model = AutoModelForCausalLM.from_pretrained(src_dir)
     else:
         model = model_or_dir

@@ -19,7 +19,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..engine import weight_report
 from ..formats import get_format, model_bits_per_weight
 from .config import QUANT_METHOD, BabaiConfig
-from .quantizer import _ST_DTYPES, _as_loaded, _read_headers, check_checkpoint, replace_with_quantized_modules
+from .quantizer import (
+    _ST_DTYPES,
+    CheckpointError,
+    _as_loaded,
+    _read_headers,
+    check_checkpoint,
+    nonfinite_in_files,
+    replace_with_quantized_modules,
+)
 from .serving import describe_checkpoint, format_report, servability
 
 
@@ -30,6 +38,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise ValueError(f"{path} has no config.json; pass a checkpoint folder written by save_pretrained")
     return json.loads(cfg_file.read_text())
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 over a checkpoint folder's ``*.safetensors`` files (names and bytes, in name order): what an
+    evaluation result records, so that it is never attached to another version of the checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors weights")
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def read_babai_config(path: str | Path) -> BabaiConfig:
@@ -69,8 +94,9 @@ def layer_stats(log_file: str | Path) -> dict[str, Any] | None:
 
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """Validates the checkpoint (raises ``CheckpointError`` naming a missing/short/mis-shaped tensor) and
-    describes it. ``size_16bit_bytes`` is the same model with every parameter in 16 bits, the usual
-    "before" size of a quantized release."""
+    describes it. ``size_16bit_bytes`` is the same model with every parameter in 16 bits (BF16/FP16, the dtype
+    of nearly every original release), the "before" size a reader has in mind; ``size_after_16bit_bytes`` is this
+    checkpoint with any float32 tensors (a model quantized in float32) counted at 16 bits."""
     path = Path(path)
     qcfg = read_babai_config(path)
     config = AutoConfig.from_pretrained(path)
@@ -78,14 +104,23 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         skeleton = AutoModelForCausalLM.from_config(config)
     modules = replace_with_quantized_modules(skeleton, qcfg)
     files = sorted(str(f) for f in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{path} has a config.json but no *.safetensors weights; copy or download the whole checkpoint folder"
+        )
     check_checkpoint(skeleton, modules, files)
+    bad = nonfinite_in_files(files)
+    if bad:
+        raise CheckpointError(f"{path} stores non-finite values (the model would give NaN logits): " + "; ".join(bad))
     quantized = sum(m.in_features * m.out_features for m in modules.values())
     spec = qcfg.spec()
     about = get_format(spec.format).describe(spec)
     dense = sum(p.numel() for n, p in skeleton.named_parameters(remove_duplicate=True))
     weights = weight_report(skeleton, spec.skip)
     q_bits = weights["bits_per_weight"] * quantized
-    dense_bits = _dense_bits(_as_loaded(skeleton, _read_headers(files)), set(modules))
+    raw = _read_headers(files)
+    dense_bits = _dense_bits(_as_loaded(skeleton, raw), set(modules))
+    f32_bytes = 4 * sum(math.prod(shape) for shape, dtype, _ in raw.values() if dtype == "F32")
     return {
         "checkpoint": str(path),
         "architecture": (config.architectures or ["?"])[0],
@@ -110,6 +145,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "float_share": weights["float_share"],
         "size_bytes": sum(Path(f).stat().st_size for f in files),
         "size_16bit_bytes": 2 * (quantized + dense),
+        "size_after_16bit_bytes": sum(Path(f).stat().st_size for f in files) - f32_bytes // 2,
         "calibration": qcfg.calibration,
         "layer_stats": layer_stats(path / "quant_log.csv"),
         "serving": format_report(
