@@ -391,6 +391,15 @@ def _publish(args: argparse.Namespace) -> int:
 
     path = Path(args.checkpoint)
     evals = _saved_evals(path, args.eval_results)
+    baseline = None
+    if args.baseline_eval_results:
+        file = Path(args.baseline_eval_results)
+        try:
+            baseline = json.loads(file.read_text())["eval_results"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CliError(
+                f"--baseline-eval-results {file}: not an eval_results.json of `hf-babai eval ORIGINAL --save` ({e})"
+            ) from None
     try:
         result = hf_babai.publish(
             path,
@@ -405,6 +414,7 @@ def _publish(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             dry_run=args.dry_run,
             install=args.install,
+            baseline_results=baseline,
         )
     except hf_babai.PublishError as e:  # token problems, Hub refusals and outages: a message, not a traceback
         raise CliError(str(e)) from None
@@ -423,10 +433,10 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_babai
-    from hf_babai.hf.summary import read_babai_config
+    from hf_babai.hf.summary import read_config
 
     path = Path(args.checkpoint)
-    read_babai_config(path)  # a clear error for a folder that is not a babai checkpoint
+    read_config(path)  # a clear error for a folder that is not a model (a babai checkpoint or the original)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # <1: a fraction
@@ -472,7 +482,8 @@ def _settings_from(args: argparse.Namespace) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-babai`` parser: its quantization options come from the settings spec, so help cannot go stale."""
     parser = argparse.ArgumentParser(prog="hf-babai", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize the small offline model and print perplexity before/after")
@@ -551,19 +562,28 @@ def main(argv: list[str] | None = None) -> int:
         help="eval_results.json for the card (default: the checkpoint's own, if it records these weights)",
     )
     pub.add_argument(
+        "--baseline-eval-results",
+        default=None,
+        help="the original model's eval_results.json (hf-babai eval ORIGINAL --save), shown beside this model's",
+    )
+    pub.add_argument(
         "--install", default=None, help='install command for the card, e.g. pip install "hf-babai @ git+URL"'
     )
     pub.add_argument("--timeout", type=float, default=60.0, help="seconds a Hub request may stall (default: 60)")
     pub.add_argument("--dry-run", action="store_true", help="print the files and the card; upload nothing")
 
-    ev = sub.add_parser("eval", help="evaluate a babai checkpoint with lm-eval")
-    ev.add_argument("checkpoint", help="checkpoint folder")
+    ev = sub.add_parser("eval", help="evaluate a babai checkpoint (or the original model, as the card's baseline)")
+    ev.add_argument("checkpoint", help="checkpoint or model folder")
     ev.add_argument("--tasks", nargs="+", default=["babai_ppl"], help="lm-eval tasks (babai_ppl is offline)")
     ev.add_argument("--limit", type=float, default=None, help="documents per task")
     ev.add_argument("--text-file", default=None, help="text for babai_ppl instead of the built-in one")
     ev.add_argument("--save", action="store_true", help="write eval_results.json into the checkpoint folder")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "demo": _demo,

@@ -47,10 +47,11 @@ from .hf.summary import checkpoint_summary
 
 log = logging.getLogger(__name__)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CARD_FILES = ("README.md",)
 #: Repo files a new checkpoint never deletes (the Hub's own LFS rules).
 KEEP_IN_REPO = (".gitattributes",)
 DEFAULT_TIMEOUT = 60.0
+#: A Hub that is down, refuses connections or stalls (huggingface_hub raises httpx's errors, or ConnectionError).
+NETWORK_ERRORS = (httpx2.TransportError, ConnectionError, TimeoutError)
 
 
 class PublishError(RuntimeError):
@@ -67,6 +68,14 @@ class PublishPlan:
     skipped: list[str]
     delete: list[str]
     card: str = field(repr=False)
+    generated: dict[str, str] = field(default_factory=dict, repr=False)  # written by publish: card, plot
+
+    def against(self, repo_files: Iterable[str]) -> PublishPlan:
+        """The same upload against a repo that holds ``repo_files``: those the checkpoint does not have are deleted
+        (``.gitattributes`` stays)."""
+        new = set(self.upload)
+        delete = sorted(f for f in repo_files if f not in new and f not in KEEP_IN_REPO)
+        return PublishPlan(self.repo_id, self.revision, self.upload, self.skipped, delete, self.card, self.generated)
 
     def lines(self) -> list[str]:
         """The plan as text, one file a line."""
@@ -127,6 +136,56 @@ def install_line(given: str | None = None) -> str | None:
     return f'pip install "hf-babai @ {url}"'
 
 
+PLOT_FILE = "quant_log.svg"
+
+
+def error_plot_svg(log_file: str | Path) -> str | None:
+    """A small SVG of each layer's proxy loss over its Babai bound (from ``quant_log.csv``), for the card: one bar
+    per layer in quantization order, a line at 1 (the bound, which holds wherever nothing was clipped), clipped
+    layers in orange. Plain SVG text, so the card needs no plotting library. ``None`` without a usable log."""
+    import csv
+    import math
+
+    log_file = Path(log_file)
+    if not log_file.is_file():
+        return None
+    with open(log_file) as f:
+        rows = list(csv.DictReader(f))
+    ratios = []
+    for r in rows:
+        loss, bound = float(r["loss"]), float(r["bound"])
+        if not (math.isfinite(loss) and math.isfinite(bound)) or bound <= 0:
+            return None  # round-to-nearest has no bound to draw
+        ratios.append((loss / bound, int(r["clipped"]) > 0))
+    if not ratios:
+        return None
+    width, height, pad = 640, 180, 28
+    top = max(1.25, max(r for r, _ in ratios) * 1.05)
+    bar = (width - 2 * pad) / len(ratios)
+    y = lambda v: height - pad - (height - 2 * pad) * min(v, top) / top  # noqa: E731
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="11">',
+        f'<text x="{pad}" y="16">proxy loss / Babai bound, per layer ({len(ratios)} layers; orange: clipped)</text>',
+    ]
+    for i, (ratio, clipped) in enumerate(ratios):
+        x = pad + i * bar
+        color = "#e8821a" if clipped else "#3b73b9"
+        parts.append(
+            f'<rect x="{x:.2f}" y="{y(ratio):.2f}" width="{max(bar * 0.8, 0.5):.2f}" '
+            f'height="{height - pad - y(ratio):.2f}" fill="{color}"/>'
+        )
+    parts.append(
+        f'<line x1="{pad}" x2="{width - pad}" y1="{y(1):.2f}" y2="{y(1):.2f}" stroke="#c00" stroke-dasharray="4 3"/>'
+    )
+    parts.append(f'<text x="{width - pad + 2}" y="{y(1) + 4:.2f}">1</text>')
+    parts.append(f'<text x="{pad}" y="{height - 8}">first layer</text>')
+    parts.append(f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">last layer</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def default_template() -> Path:
     """The packaged default card template (``model_cards/babai.md`` in the repository)."""
     return Path(str(importlib.resources.files("hf_babai.model_cards").joinpath("babai.md")))
@@ -174,6 +233,8 @@ def build_card(
     template: str | Path | None = None,
     license: str | None = None,
     install: str | None = None,
+    baseline_results: Iterable[EvalResult | dict] | None = None,
+    plot: str | None = None,
 ) -> ModelCard:
     """Renders the model card of a saved babai checkpoint (validated first; see ``checkpoint_summary``).
 
@@ -185,6 +246,8 @@ def build_card(
     q = checkpoint_summary(checkpoint)
     base = _base_model(checkpoint, base_model)
     evals = _eval_results(eval_results)
+    # the original model's figures on the same tasks and metrics, shown beside this model's
+    baseline = {f"{e.dataset_name}|{e.metric_type}": e.metric_value for e in _eval_results(baseline_results)}
     name = repo_id.split("/")[-1]
     data = ModelCardData(
         base_model=base,
@@ -222,7 +285,9 @@ def build_card(
         base_model=base,
         q=q,
         evals=evals,
+        baseline=baseline,
         install=install,
+        plot=plot,
     )
 
 
@@ -289,10 +354,12 @@ def plan_publish(
     base_model: str | None = None,
     license: str | None = None,
     install: str | None = None,
+    baseline_results: Iterable[EvalResult | dict] | None = None,
 ) -> PublishPlan:
     """What publishing ``folder`` to ``repo_id`` does, given the files the repo has now: the checkpoint's files
     and the card go up, the repo's other files (except ``.gitattributes``) are deleted, the folder's other files
     are skipped. Validates the checkpoint (through the card) before anything touches the Hub."""
+    svg = error_plot_svg(Path(folder) / "quant_log.csv")
     card = build_card(
         folder,
         repo_id,
@@ -301,13 +368,14 @@ def plan_publish(
         template=card_template,
         license=license,
         install=install,
+        baseline_results=baseline_results,
+        plot=PLOT_FILE if svg else None,
     )
+    generated = {"README.md": str(card), **({PLOT_FILE: svg} if svg else {})}
     upload, skipped = checkpoint_files(folder)
-    if "README.md" in skipped:  # the folder's own card is replaced by the generated one, not a user file we drop
-        skipped.remove("README.md")
-    new = {*upload, "README.md"}
-    delete = sorted(f for f in repo_files if f not in new and f not in KEEP_IN_REPO)
-    return PublishPlan(repo_id, revision, [*upload, "README.md"], skipped, delete, str(card))
+    skipped = [f for f in skipped if f not in generated]  # the folder's own card/plot: replaced, not dropped
+    plan = PublishPlan(repo_id, revision, [*upload, *generated], skipped, [], str(card), generated)
+    return plan.against(repo_files)
 
 
 def publish(
@@ -325,6 +393,7 @@ def publish(
     license: str | None = None,
     endpoint: str | None = None,
     install: str | None = None,
+    baseline_results: Iterable[EvalResult | dict] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     dry_run: bool = False,
 ) -> str | PublishPlan:
@@ -341,6 +410,7 @@ def publish(
         tokenizer: saved beside the weights (a folder's own tokenizer files are uploaded as they are).
         eval_results: ``huggingface_hub.EvalResult`` objects or dicts, e.g. from :func:`hf_babai.evaluate`;
             written into the card as a table and as ``model-index``. Nothing is read from the folder.
+        baseline_results: the original model's results on the same tasks, shown beside this model's.
         card_template: a Jinja template instead of ``model_cards/babai.md``.
         revision: branch to commit to (created from ``main`` if missing).
         base_model: the original model's Hub id, when the checkpoint's config does not name it.
@@ -353,34 +423,36 @@ def publish(
     with hub_timeout(timeout), tempfile.TemporaryDirectory(prefix="hf_babai_publish_") as tmp:
         try:
             tok, user = _check_token(api, token)
-        except (httpx2.TransportError, OSError) as e:
+        except NETWORK_ERRORS as e:
             raise _unreachable(where, e, "while checking the token; nothing was uploaded") from None
         folder = _stage(model_or_dir, tokenizer, Path(tmp))
         if "/" not in repo_id:
             repo_id = f"{user}/{repo_id}"
-        plan_kw = dict(
+        # the card validates the checkpoint, so a broken folder fails before the repo is created
+        plan = plan_publish(
+            folder,
+            repo_id,
             revision=revision,
             eval_results=eval_results,
             card_template=card_template,
             base_model=base_model,
             license=license,
             install=install,
+            baseline_results=baseline_results,
         )
-        # the card validates the checkpoint, so a broken folder fails before the repo is created
-        plan_publish(folder, repo_id, **plan_kw)
         try:
             if dry_run:
-                return plan_publish(folder, repo_id, repo_files=_repo_files(api, repo_id, revision, tok), **plan_kw)
+                return plan.against(_repo_files(api, repo_id, revision, tok))
             repo_id = api.create_repo(repo_id, token=tok, private=private, exist_ok=True).repo_id
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, token=tok, exist_ok=True)
-            plan = plan_publish(folder, repo_id, repo_files=_repo_files(api, repo_id, revision, tok), **plan_kw)
+            plan = plan.against(_repo_files(api, repo_id, revision, tok))
             ops: list = [
                 CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f))
                 for f in plan.upload
-                if f not in CARD_FILES
+                if f not in plan.generated
             ]
-            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=plan.card.encode()))
+            ops += [CommitOperationAdd(path_in_repo=f, path_or_fileobj=t.encode()) for f, t in plan.generated.items()]
             ops += [CommitOperationDelete(path_in_repo=f) for f in plan.delete]
             info = api.create_commit(
                 repo_id,
@@ -395,7 +467,7 @@ def publish(
                 f"the Hub refused the upload to {repo_id} ({status}: {e.server_message or e}); check that the token "
                 f"can write to that namespace and that the repo id is right"
             ) from None
-        except (httpx2.TransportError, OSError) as e:
+        except NETWORK_ERRORS as e:
             raise _unreachable(where, e, f"while uploading to {repo_id}; run publish again to finish") from None
     if plan.skipped:
         log.warning("not uploaded (not part of a checkpoint): %s", ", ".join(plan.skipped))
