@@ -67,8 +67,12 @@ class LocalHub:
     ``hub.requests`` records ``(method, path, has_auth)`` of every request, for tests that check what was sent.
     """
 
-    def __init__(self, root: str | Path, token: str = "hf_test", port: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, token: str = "hf_test", port: int = 0, user: str = USER, orgs: tuple[str, ...] = ()
+    ) -> None:
         self.root = Path(root)
+        self.user = user  # the token's user name
+        self.orgs = orgs  # organisations the token's user belongs to: with the user's own, the namespaces it writes
         self.port = port
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.token = token
@@ -220,13 +224,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200 if ok else 404, {"message": "ok" if ok else "missing"})
         if path == "/api/whoami-v2":
             self._need_auth()
-            return self._send(200, {"type": "user", "name": USER, "orgs": [], "auth": {"type": "access_token"}})
+            me, orgs = self.server_hub.user, [{"name": o, "type": "org"} for o in self.server_hub.orgs]
+            return self._send(200, {"type": "user", "name": me, "orgs": orgs, "auth": {"type": "access_token"}})
         if method == "POST" and path == "/api/repos/create":
             return self._create(json.loads(self._body()))
         if method == "DELETE" and path == "/api/repos/delete":
             self._need_auth()
             body = json.loads(self._body())
-            repo_id = f"{body.get('organization') or USER}/{body['name']}"
+            repo_id = f"{body.get('organization') or self.server_hub.user}/{body['name']}"
             with hub.lock:
                 if hub.repos.pop(repo_id, None) is None:
                     raise HubError(404, "Repository Not Found", "RepoNotFound")
@@ -244,8 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._need_auth()
         if body.get("type", "model") not in (None, "model"):
             raise HubError(400, "this test hub serves model repos only")
-        repo_id = f"{body.get('organization') or USER}/{body['name']}"
-        if repo_id.split("/")[0] != USER:  # like the Hub: the token's user can write only its own namespace
+        repo_id = f"{body.get('organization') or self.server_hub.user}/{body['name']}"
+        if repo_id.split("/")[0] not in (self.server_hub.user, *self.server_hub.orgs):  # like the Hub
             owner = repo_id.split("/")[0]
             raise HubError(403, f'You don\'t have the rights to create a model under the namespace "{owner}"')
         url = f"{hub.url}/{repo_id}"
@@ -435,7 +440,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     args = p.parse_args()
     hub = LocalHub(args.root, token=args.token, port=args.port).start()
-    print(f"serving a Hub-compatible endpoint at {hub.url} (user {USER!r}); Ctrl-C stops it", flush=True)
+    print(f"serving a Hub-compatible endpoint at {hub.url} (user {hub.user!r}); Ctrl-C stops it", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import hf_babai
 from hf_babai import CheckpointError, assets
 from hf_babai.formats import BabaiLinear
 from hf_babai.perplexity import calibration_windows
+from tests.child import child_error
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_cli_quantize_and_info(real, tmp_path):
     cmd += ["--scale-method", "minmax"]  # half the time of the default search; the CLI path is what is tested
     cmd += ["--export-gptq", str(gptq)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["layers"] == 210 and 3.25 <= summary["bits_per_weight"] < 3.3
     assert (out / "quant_log.csv").read_text().count("\n") == 211
@@ -137,7 +138,7 @@ def test_cli_quantize_and_info(real, tmp_path):
     info = subprocess.run(
         [sys.executable, "-m", "hf_babai", "info", str(out), "--json"], capture_output=True, text=True
     )
-    assert info.returncode == 0, info.stderr
+    assert info.returncode == 0, child_error(info)
     data = json.loads(info.stdout)
     assert data["quantized_layers"] == 210 and data["layer_stats"]["rows"] == 210
     qc = json.loads((gptq / "config.json").read_text())["quantization_config"]

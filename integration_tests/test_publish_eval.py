@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_babai
 from hf_babai import assets
 from hf_babai.perplexity import calibration_windows
+from tests.child import child_error
 
 from .local_hub import LocalHub
 
@@ -157,7 +158,7 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
         env.pop("HF_HUB_OFFLINE", None)
         args = [sys.executable, "-c", HUB_SCRIPT, str(quantized["tmp"] / "ckpt"), str(quantized["tmp"] / "ids.pt")]
         proc = subprocess.run([*args, str(tmp_path), BASE], capture_output=True, text=True, env=env, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, child_error(proc)
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         # the CLI: a rejected token is a one-line error and exit code 1, a good one publishes
         cli = [sys.executable, "-m", "hf_babai", "publish", str(quantized["tmp"] / "ckpt"), "cli-repo"]
@@ -174,7 +175,7 @@ def test_publish_reload_and_card_through_a_real_http_hub(quantized, tmp_path):
     assert not bad_token_calls, bad_token_calls  # not even a repo lookup or pre-upload call for those repos
     assert bad.returncode == 1 and "error: the Hub rejected the token (401" in bad.stderr, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr and "hf_nope" not in bad.stderr
-    assert good.returncode == 0 and "published: " in good.stdout, good.stderr[-2000:]
+    assert good.returncode == 0 and "published: " in good.stdout, child_error(good)
     assert "tester/cli-repo" in hub.repos
     assert "tester/smol-babai/commit/" in res["url"]
     for f in ("config.json", "model.safetensors", "quant_log.csv", "tokenizer.json", "README.md"):
@@ -243,7 +244,7 @@ def test_evaluate_with_lm_eval_offline_and_the_unmodified_cli(quantized, tmp_pat
     cmd = [str(exe), "--model", "hf", "--model_args", f"pretrained={quantized['tmp'] / 'ckpt'},dtype=float32"]
     cmd += ["--tasks", "babai_ppl", "--limit", "1", "--device", "cpu", "--output_path", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, child_error(proc)
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["babai_ppl"]
     assert abs(results["word_perplexity,none"] - qw) < 1e-6 * qw
     # hf-babai eval --save writes the card-ready results that hf-babai publish picks up
@@ -252,7 +253,7 @@ def test_evaluate_with_lm_eval_offline_and_the_unmodified_cli(quantized, tmp_pat
         capture_output=True,
         text=True,
     )
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert ev.returncode == 0, child_error(ev)
     saved = json.loads((quantized["tmp"] / "ckpt" / "eval_results.json").read_text())
     assert abs(saved["results"]["babai_ppl"]["word_perplexity"] - qw) < 1e-6 * qw
     assert "word_perplexity" in ev.stdout
@@ -292,7 +293,7 @@ assert "babai_ppl" in alone and "mine" not in alone
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), child_error(out)
 
 
 def test_wheel_ships_the_builtin_task_text_and_the_card_template(tmp_path):
@@ -301,7 +302,7 @@ def test_wheel_ships_the_builtin_task_text_and_the_card_template(tmp_path):
 
     cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w"]
     proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc)
     names = zipfile.ZipFile(next(tmp_path.glob("hf_babai-*.whl"))).namelist()
     shipped = (
         "hf_babai/data/persuasion_ch1-4.txt",

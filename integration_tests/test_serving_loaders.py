@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import hf_babai
 from hf_babai import BabaiConfig, assets
+from tests.child import child_error
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def _run(python: Path, args: list[str], pythonpath: str) -> list[dict]:
             for rec in results or [{"args": args[1:], "pythonpath": Path(pythonpath).name if pythonpath else ""}]:
                 f.write(json.dumps({**rec, "error": error}) + "\n")
     if proc.returncode:
-        raise AssertionError(f"child failed:\n{proc.stderr[-4000:]}\n--- stdout ---\n{proc.stdout[-2000:]}")
+        raise AssertionError(child_error(proc))
     return results
 
 

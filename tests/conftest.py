@@ -38,3 +38,51 @@ def load_bench():
         return mod
 
     return load
+
+
+TINY_IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer of 256 tokens (+ eos), so the CLI's text paths run without any download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"eos_token": "<eos>"})
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama folder (with a byte tokenizer) and a 4-bit babai checkpoint of it (the transformers
+    imports are here, not at the top: triton must not be imported before ``TRITON_INTERPRET`` is set)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hf_babai import BabaiConfig
+
+    root = tmp_path_factory.mktemp("bad")
+    cfg = LlamaConfig(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    src = root / "model"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    ckpt = root / "ckpt"
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=BabaiConfig(bits=4, group_size=32, dataset=TINY_IDS), dtype=torch.float32
+    )
+    model.save_pretrained(ckpt)
+    return {"root": root, "src": src, "ckpt": ckpt}

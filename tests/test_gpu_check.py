@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .child import child_error
+
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton", reason="the GPU check runs the kernels (installed by scripts/setup.sh)")
 
@@ -23,7 +25,7 @@ def dry_run(tmp_path_factory) -> tuple[Path, str]:
         ["bash", "scripts/gpu_check.sh", "--dry-run", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, child_error(proc)
     return out, proc.stdout
 
 

@@ -235,7 +235,7 @@ def test_float32_model_warns_and_exports_in_the_dtype_asked(tiny, tmp_path):
 def test_export_refuses_its_source_folder(tiny, tmp_path):
     model = _quantize(tiny, bits=4, group_size=32)
     model.save_pretrained(tmp_path / "q")
-    with pytest.raises(ValueError, match="the source folder .* would change the checkpoint it reads"):
+    with pytest.raises(ValueError, match=r"the source folder .* would change the checkpoint it reads"):
         hf_babai.export(tmp_path / "q", tmp_path / "q")
 
 

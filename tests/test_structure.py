@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .child import child_error
+
 ROOT = Path(__file__).resolve().parents[1]
 # Folders whose .py files run as scripts or are imported with the folder itself first on sys.path
 # (``python bench/x.py`` puts bench/ there; pytest puts the rootdir there for the test packages).
@@ -48,7 +50,7 @@ def test_no_module_in_the_tree_shadows_an_installed_or_standard_module():
     out = subprocess.run(
         [sys.executable, "-I", "-c", probe, json.dumps(sorted(names))], cwd="/", capture_output=True, text=True
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, child_error(out)
     clashes = {n: names[n] for n in json.loads(out.stdout)}
     assert not clashes, f"rename these: they shadow installed or standard modules {clashes}"
 
@@ -199,7 +201,7 @@ def test_import_and_quantize_on_load_stay_lean_and_never_install():
     and upload code, no Triton, no offline installer); quantizing on load with the built-in text starts no
     process (no pip, no apt) and never imports the installer."""
     out = subprocess.run([sys.executable, "-c", _LEAN_CHILD], capture_output=True, text=True, cwd="/")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, child_error(out)
     run = json.loads(out.stdout.strip().splitlines()[-1])
     heavy = ("lm_eval", "hf_babai.eval", "hf_babai.hub", "hf_babai.assets", "hf_babai.cli", "triton")
     loaded = [m for m in run["after_import"] if m.startswith(heavy)]
