@@ -26,6 +26,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that runs the CLI in-process with ``--threads`` changes torch's process-wide thread count; every test
+    starts from the session's own, so one test cannot slow the rest of the run."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def load_bench():
     """Imports ``bench/<name>.py`` (a script folder, not a package) so its logic can be tested on CPU."""

@@ -271,6 +271,14 @@ CASES = [
         CheckpointError,
     ),
     Case(
+        "load config only",
+        lambda e, t: AutoModelForCausalLM.from_pretrained(
+            _copy(e["ckpt"], t / "c", lambda d: (d / "model.safetensors").unlink())
+        ),
+        ("no file named model.safetensors",),
+        OSError,
+    ),
+    Case(
         "load a missing tensor",
         lambda e, t: AutoModelForCausalLM.from_pretrained(
             _copy(
@@ -360,6 +368,11 @@ def test_bad_input(case: Case, tiny_env, tmp_path, capsys, monkeypatch):
     else:
         argv = case.run(env, tmp_path)
         mine = _tree(tmp_path)
+
+        def no_model_load(*a, **k):  # every CLI case is refused before a model is loaded (no wasted run)
+            raise AssertionError("a model was loaded before the bad input was refused")
+
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model_load)
         try:
             code = cli(argv)
         except SystemExit as e:  # argparse's usage errors

@@ -131,13 +131,17 @@ def test_cli_publish_dry_run_and_evaluation_results_of_these_weights(tiny_env, t
     assert TOKEN not in out
 
 
-def test_overwrite_replaces_the_old_checkpoint_and_keeps_user_files(tiny_env, tmp_path):
+def test_overwrite_replaces_the_old_checkpoint_and_keeps_user_files(tiny_env, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
     AutoModelForCausalLM.from_pretrained(tiny_env["ckpt"]).save_pretrained(out, max_shard_size="100KB")
     (out / "notes.txt").write_text("mine")
-    assert _quantize(tiny_env, out, "--bits", "3", "--group-size", "32", "--overwrite") == 0
+    assert _quantize(tiny_env, out, "--bits", "3", "--group-size", "32", "--overwrite", "--json") == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert {"peak_rss_gib", "size_before_mib", "size_after_mib"} <= set(summary)  # binary units, named as such
+    assert " GiB, checkpoint " in printed and " MiB -> " in printed and " GB" not in printed
     names = {f.name for f in out.iterdir()}
     assert "model.safetensors.index.json" not in names and not any(n.startswith("model-0") for n in names)
     assert (out / "notes.txt").read_text() == "mine"
