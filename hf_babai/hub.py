@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx2
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -46,12 +45,14 @@ from .hf.files import checkpoint_files
 from .hf.summary import checkpoint_summary
 
 log = logging.getLogger(__name__)
+# the HTTP client huggingface_hub itself uses: httpx2 in 2.x, httpx in 1.x (the `hub` extra admits both)
+httpx = getattr(hub_http, "httpx2", None) or hub_http.httpx
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: Repo files a new checkpoint never deletes (the Hub's own LFS rules).
 KEEP_IN_REPO = (".gitattributes",)
 DEFAULT_TIMEOUT = 60.0
 #: A Hub that is down, refuses connections or stalls (huggingface_hub raises httpx's errors, or ConnectionError).
-NETWORK_ERRORS = (httpx2.TransportError, ConnectionError, TimeoutError)
+NETWORK_ERRORS = (httpx.TransportError, ConnectionError, TimeoutError)
 
 
 class PublishError(RuntimeError):
@@ -91,9 +92,9 @@ def hub_timeout(seconds: float) -> Iterator[None]:
     """huggingface_hub's shared HTTP client with a timeout per request (its default waits forever on a stalled
     Hub); the previous client factory is restored afterwards. Uploads keep huggingface_hub's own retries."""
 
-    def factory() -> httpx2.Client:
+    def factory() -> httpx.Client:
         client = hub_http.default_client_factory()
-        client.timeout = httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+        client.timeout = httpx.Timeout(seconds, connect=min(seconds, 10.0))
         return client
 
     previous = hub_http._GLOBAL_CLIENT_FACTORY
@@ -105,7 +106,7 @@ def hub_timeout(seconds: float) -> Iterator[None]:
 
 
 def _unreachable(endpoint: str, e: Exception, when: str) -> PublishError:
-    if isinstance(e, httpx2.TimeoutException):
+    if isinstance(e, httpx.TimeoutException):
         what, fix = "did not answer in time", "try again later or pass a longer timeout (--timeout)"
     else:
         what, fix = "cannot be reached", "check the network and the endpoint (HF_ENDPOINT)"
