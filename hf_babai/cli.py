@@ -113,6 +113,8 @@ def _read_token_file(path: Path) -> object:
 
 def _read_datasets(name: str, config: str | None, split: str, column: str) -> list[str] | list[dict]:
     """A column of a ``datasets`` dataset (a Hub name or a local folder of data files): text or token ids."""
+    from hf_babai.hf.calibration import dataset_rows
+
     try:
         import datasets
     except ImportError:
@@ -123,10 +125,7 @@ def _read_datasets(name: str, config: str | None, split: str, column: str) -> li
         raise CliError(f"cannot load dataset {name!r} (config {config!r}, split {split!r}): {e}") from None
     if column not in ds.column_names:
         raise CliError(f"dataset {name!r} has no column {column!r}; its columns: {ds.column_names} (--dataset-column)")
-    values = ds[column]
-    if all(isinstance(v, str) for v in values):
-        return [v for v in values if v.strip()]
-    return [{"input_ids": list(v)} for v in values]
+    return dataset_rows(ds, column)
 
 
 def _read_dataset(args: argparse.Namespace) -> object:
@@ -362,6 +361,19 @@ def _eval_file(path: Path) -> Path:
     return path / "eval_results.json"
 
 
+def _read_eval_file(file: Path) -> dict:
+    """An ``eval_results.json`` written by ``hf-babai eval --save``; a clear error for anything else."""
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        saved, why = None, e
+    else:
+        why = "no 'eval_results' field"
+    if not isinstance(saved, dict) or "eval_results" not in saved:
+        raise CliError(f"{file} is not an eval_results.json written by `hf-babai eval --save` ({why})")
+    return saved
+
+
 def _saved_evals(checkpoint: Path, given: str | None) -> list[dict] | None:
     """Evaluation results for the card: ``--eval-results FILE``, else the checkpoint's ``eval_results.json``
     (from ``hf-babai eval --save``), used only when it records these very weights (their SHA-256)."""
@@ -372,18 +384,15 @@ def _saved_evals(checkpoint: Path, given: str | None) -> list[dict] | None:
         if given:
             raise CliError(f"--eval-results {file} does not exist")
         return None
-    try:
-        saved = json.loads(file.read_text())
-        rows, recorded = saved["eval_results"], saved.get("checkpoint_sha256")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CliError(f"{file} is not an eval_results.json written by `hf-babai eval --save` ({e})") from None
+    saved = _read_eval_file(file)
+    recorded = saved.get("checkpoint_sha256")
     if recorded != weights_sha256(checkpoint):
         why = "records no checkpoint hash" if recorded is None else "was measured on other weights"
         raise CliError(
             f"{file} {why}, so its figures may not describe {checkpoint}; run `hf-babai eval {checkpoint} --save` "
             "again, or delete the file to publish without evaluation results"
         )
-    return rows
+    return saved["eval_results"]
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -391,15 +400,9 @@ def _publish(args: argparse.Namespace) -> int:
 
     path = Path(args.checkpoint)
     evals = _saved_evals(path, args.eval_results)
-    baseline = None
+    baseline = None  # the original model's figures (`hf-babai eval ORIGINAL --save`): no hash to match
     if args.baseline_eval_results:
-        file = Path(args.baseline_eval_results)
-        try:
-            baseline = json.loads(file.read_text())["eval_results"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CliError(
-                f"--baseline-eval-results {file}: not an eval_results.json of `hf-babai eval ORIGINAL --save` ({e})"
-            ) from None
+        baseline = _read_eval_file(Path(args.baseline_eval_results))["eval_results"]
     try:
         result = hf_babai.publish(
             path,

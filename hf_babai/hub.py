@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,7 @@ class PublishPlan:
         """The same upload against a repo that holds ``repo_files``: those the checkpoint does not have are deleted
         (``.gitattributes`` stays)."""
         new = set(self.upload)
-        delete = sorted(f for f in repo_files if f not in new and f not in KEEP_IN_REPO)
-        return PublishPlan(self.repo_id, self.revision, self.upload, self.skipped, delete, self.card, self.generated)
+        return replace(self, delete=sorted(f for f in repo_files if f not in new and f not in KEEP_IN_REPO))
 
     def lines(self) -> list[str]:
         """The plan as text, one file a line."""

@@ -49,10 +49,16 @@ def _from_dicts(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return out_ids, out_mask
 
 
-def _from_dataset(ds: Any) -> list[str] | list[dict]:
-    """A ``datasets.Dataset``: its ``input_ids`` column (token ids, with ``attention_mask`` if present) or, failing
-    that, its ``text`` column."""
+def dataset_rows(ds: Any, column: str | None = None) -> list[str] | list[dict]:
+    """Calibration rows of a ``datasets.Dataset``: the given ``column`` (non-empty texts if it holds strings, else
+    token ids), or by default its ``input_ids`` column (with ``attention_mask`` if present), failing that its
+    ``text`` column."""
     cols = ds.column_names
+    if column is not None:
+        values = ds[column]
+        if all(isinstance(v, str) for v in values):
+            return [v for v in values if v.strip()]
+        return [{"input_ids": list(v)} for v in values]
     if "input_ids" in cols:
         keep = [c for c in ("input_ids", "attention_mask") if c in cols]
         return [{c: row[c] for c in keep} for row in ds]
@@ -76,7 +82,7 @@ def calibration_batches(
         raise ValueError(MISSING_DATASET)
     mask = None
     if hasattr(data, "column_names") and not isinstance(data, (list, str)):  # a datasets.Dataset
-        data = _from_dataset(data)
+        data = dataset_rows(data)
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype not in (torch.int32, torch.int64):
             raise ValueError(
