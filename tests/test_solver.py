@@ -211,6 +211,51 @@ def test_hessian_accumulator_streams_and_masks():
         acc.add(x[:1])
 
 
+def test_hessian_sum_is_exact_and_independent_of_order_and_split():
+    """The Hessian sum is a function of the samples only: one call, one sample at a time in reverse, or three
+    partial sums merged in any order give the same bits, equal to the correctly rounded (``math.fsum``) sum of
+    each sample's float32 ``XᵀX`` rounded onto the final grid; so a distributed reduction cannot change it."""
+    import math
+
+    from hf_babai.solver.hessian import BIN_BITS, MAX_SUMMANDS
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 7, 6, generator=g) * torch.logspace(-4, 4, 6)
+    x[4] *= 1e5  # a late, much larger sample moves the grid up after the first ones were added
+    whole = HessianAccumulator(6)
+    whole.add(x)
+    backwards = HessianAccumulator(6)
+    for i in reversed(range(10)):
+        backwards.add(x[i : i + 1])
+    parts = [HessianAccumulator(6) for _ in range(3)]
+    for p, idx in zip(parts, ([0, 1, 2], [3, 4, 5, 6], [7, 8, 9]), strict=True):
+        p.add(x[idx])
+    parts[2].merge(parts[0])
+    parts[2].merge(parts[1])
+    assert torch.equal(whole.sum, backwards.sum) and torch.equal(whole.sum, parts[2].sum)
+    assert whole.n == parts[2].n == 70 and whole.summands == parts[2].summands == 10
+    summands = [(x[i].T @ x[i]).double() for i in range(10)]
+    lv = whole.level.double()
+    q = 2.0 ** (BIN_BITS * (torch.maximum(lv[:, None], lv[None, :]) - 1))  # grid of max(row level, column level)
+    expect = torch.tensor(
+        [[math.fsum(float(torch.round(s[r, c] / q[r, c]) * q[r, c]) for s in summands) for c in range(6)]
+         for r in range(6)],
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert torch.equal(whole.sum, expect)
+    rowmax = torch.stack([s.abs().amax(1) for s in summands]).amax(0)  # what each row's grid follows
+    error = (whole.sum - sum(summands)).abs()  # 16 orders of magnitude between the largest and smallest entry
+    assert bool((error <= 10 * 2.0**-33 * torch.maximum(rowmax[:, None], rowmax[None, :])).all())
+    with pytest.raises(ValueError, match="cannot lower"):
+        whole.align(whole.level - 1)
+    full = HessianAccumulator(6)
+    full.summands = MAX_SUMMANDS
+    with pytest.raises(ValueError, match="fewer, longer calibration samples"):
+        full.add(x[:1])
+    with pytest.raises(ValueError, match="non-finite"):
+        HessianAccumulator(2).add(torch.tensor([[3e38, 1.0]]))
+
+
 def test_scales_are_fp16_exact_and_mse_not_worse_than_minmax():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(8, 576, generator=g) * 0.02
