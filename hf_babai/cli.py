@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,6 +181,37 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _launch(argv: list[str], nproc: int) -> int:
+    """``hf-babai quantize --nproc N``: the same command under ``torchrun`` on N local processes (the option
+    itself dropped), which then share the calibration and the solves (see docs/distributed.md)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*cmd, "-m", "hf_babai", *rest])
+
+
+def _join_process_group() -> int | None:
+    """Under ``torchrun`` (``WORLD_SIZE`` set): joins the process group (NCCL on GPUs, each rank on its own, else
+    gloo) and returns this rank's local index; ``None`` in a plain single-process run."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return local
+
+
 def _peak_rss_gib() -> float:
     import resource
 
@@ -209,6 +242,12 @@ def _quantize(args: argparse.Namespace) -> int:
         others = {"--out": out, **sources, **{f"the {t} export": f for f, t in exports[:i]}}
         check_destination(folder, overwrite=args.overwrite, sources=others)
     memory = _max_memory(args.max_memory)
+    if args.nproc is not None and args.nproc < 1:
+        raise CliError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.argv, args.nproc)
+    local_rank = _join_process_group()
+    main_rank = local_rank is None or torch.distributed.get_rank() == 0  # the one that prints and writes
     try:
         cfg_src = AutoConfig.from_pretrained(src)
     except OSError as e:
@@ -227,7 +266,7 @@ def _quantize(args: argparse.Namespace) -> int:
             tqdm.write(self.format(record))
 
     engine_log = logging.getLogger("hf_babai.engine")
-    if not args.quiet:
+    if not args.quiet and main_rank:
         handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         engine_log.addHandler(handler)
@@ -238,6 +277,8 @@ def _quantize(args: argparse.Namespace) -> int:
     load_kw: dict = {"dtype": dtype}
     if args.device_map:
         load_kw["device_map"] = args.device_map
+    elif local_rank is not None and torch.cuda.is_available():
+        load_kw["device_map"] = {"": local_rank}
     if args.offload_folder:
         load_kw["offload_folder"] = args.offload_folder
     if memory:
@@ -245,6 +286,8 @@ def _quantize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, **load_kw)
     secs = time.perf_counter() - t0
+    if not main_rank:  # every rank holds the same quantized model; rank 0 writes it
+        return 0
     with staged_folder(out) as tmp:  # nothing at --out until every file is written
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -524,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset-split", default="train", help="split of a datasets:NAME dataset (default: train)")
     q.add_argument("--dataset-column", default="text", help="column of a datasets:NAME dataset: text or token ids")
     q.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
+    q.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes sharing the work (torchrun on this machine; GPUs: one each): same result as one process "
+        "with --no-true-sequential",
+    )
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
     q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")
@@ -587,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "demo": _demo,

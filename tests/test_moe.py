@@ -297,11 +297,11 @@ def test_hessians_held_in_groups_give_the_same_model():
         return state, peak
 
     whole, peak_whole = run(4.0)
-    grouped, peak_grouped = run(2e-6)  # below one 64-wide Hessian (32 KiB): every Linear is a group of its own
+    grouped, peak_grouped = run(2e-6)  # below one 64-wide Hessian (2 bins: 64 KiB): every Linear is a group of its own
     assert whole.keys() == grouped.keys() and all(torch.equal(whole[k], grouped[k]) for k in whole)
     assert peak_grouped < peak_whole
     linears = {f"l{i}": torch.nn.Linear(64, 8) for i in range(5)}
-    assert hessian_groups(linears, 2 * 8 * 64 * 64 / 2**30) == [["l0", "l1"], ["l2", "l3"], ["l4"]]
+    assert hessian_groups(linears, 2 * 16 * 64 * 64 / 2**30) == [["l0", "l1"], ["l2", "l3"], ["l4"]]
     assert hessian_groups(linears, 1e-9) == [[f"l{i}"] for i in range(5)]
 
 

@@ -32,6 +32,7 @@ from .blocks import (
     target_linears,
 )
 from .coverage import check_float_weights, float_share, weight_kinds, weight_report
+from .distributed import Ranks
 from .experts import UnfusedExperts, set_expert_calibration, unfuse_experts
 from .hessians import BlockHessians, capture_hessians
 from .policy import QuantizationError, layer_damping, solve_layer, uses_one_pass
@@ -46,6 +47,7 @@ __all__ = [
     "OnePass",
     "QuantSpec",
     "QuantizationError",
+    "Ranks",
     "RoundToNearest",
     "Schedule",
     "TwoPass",
@@ -102,6 +104,7 @@ def quantize_model(
     batch_size: int | None = None,
     log_path: str | Path | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> list[LayerRecord]:
     """Quantizes every target Linear of every decoder block in place; returns the per-layer records.
 
@@ -111,12 +114,15 @@ def quantize_model(
         input_ids: calibration token windows ``[n, T]`` (not needed for ``method="rtn"``).
         attention_mask: optional ``[n, T]``; padded positions are left out of every Hessian.
         batch_size: samples per forward (default ``spec.batch_size``; ``None``: all at once).
-        log_path: where to write the per-layer table (``quant_log.csv``).
+        log_path: where to write the per-layer table (``quant_log.csv``; rank 0 only).
+        ranks: the process group's ranks (default: :meth:`Ranks.current`, so a run under an initialized
+            torch.distributed group is shared between its ranks; see ``docs/distributed.md``).
     """
     blocks_name, blocks = find_blocks(model)
     rtn = spec.method == "rtn"
     if not rtn and input_ids is None:
         raise ValueError("method='babai' needs calibration input_ids; pass them or use method='rtn'")
+    ranks = None if rtn else (ranks or Ranks.current())
     batch_size = spec.batch_size if batch_size is None else batch_size
     n = 0 if input_ids is None else input_ids.shape[0]
     bs = n if batch_size is None else batch_size
@@ -125,7 +131,21 @@ def quantize_model(
             f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
             "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
         )
-    schedule = schedule_for(spec, uses_one_pass(spec, n, batch_size))
+    if ranks is not None:  # each rank forwards its share of the samples: one forward never sees them all
+        if spec.true_sequential:
+            raise ValueError(
+                f"true_sequential=True needs every calibration sample in one forward, but {ranks.world} ranks share "
+                "them; use true_sequential=False (the two-pass schedule) or run in one process"
+            )
+        share = ranks.share(n)
+        input_ids = input_ids[share]
+        attention_mask = None if attention_mask is None else attention_mask[share]
+        n = input_ids.shape[0]
+        bs = min(bs, n)
+        progress = progress and ranks.rank == 0
+        log.info("distributed: rank %d of %d calibrates samples %d..%d", ranks.rank, ranks.world, share.start,
+                 share.stop - 1)  # fmt: skip
+    schedule = TwoPass() if ranks is not None else schedule_for(spec, uses_one_pass(spec, n, batch_size))
     inputs = [] if rtn else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
     per_block = None  # each block's own arguments, where the model hands different layers different ones
     if not rtn and inputs and mixed_layer_types(model):
@@ -153,7 +173,7 @@ def quantize_model(
         set_expert_calibration(block, spec.expert_calibration)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         try:
-            outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks))
+            outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks, ranks))
         except (ValueError, torch.linalg.LinAlgError) as e:  # the layer's full name, whoever raised
             raise QuantizationError(
                 f"{blocks_name}.{b}.{e}" if isinstance(e, QuantizationError) else f"{blocks_name}.{b}: {e}"
@@ -169,6 +189,6 @@ def quantize_model(
         if not rtn:
             bar.set_postfix(loss=f"{total_loss:.4g}")
         release_freed_memory()
-    if log_path is not None:
+    if log_path is not None and (ranks is None or ranks.rank == 0):
         write_log(records, log_path)
     return records

@@ -19,7 +19,8 @@ from torch import nn
 from ..formats import get_format
 from ..solver import LayerStats
 from ..spec import QuantSpec
-from .blocks import execution_device, move_to, replace_module, run_block
+from .blocks import execution_device, linear_dims, move_to, replace_module, run_block
+from .distributed import Ranks, owners, solve_cost
 from .hessians import BlockHessians
 from .policy import solve_layer
 
@@ -39,6 +40,7 @@ class BlockJob:
     spec: QuantSpec
     inputs: list[tuple[torch.Tensor, dict]]
     masks: list[torch.Tensor | None]
+    ranks: Ranks | None = None
 
     def stats(self, solutions: dict[str, Any], tokens: dict[str, int] | None = None) -> BlockStats:
         """Each Linear's shape, solve record and the calibration tokens its Hessian saw (an MoE expert sees only
@@ -111,15 +113,26 @@ class TwoPass(Schedule):
                 return hook
 
             handles = [job.linears[name].register_forward_pre_hook(make_hook(name)) for name in group]
+            error = None
             try:
                 with torch.no_grad():
                     for (h, kw), m in zip(job.inputs, job.masks, strict=True):
                         hessians.new_batch()
                         current["mask"] = m
                         job.block(h.to(device), **move_to(kw, device))
+            except Exception as e:
+                if job.ranks is None:
+                    raise
+                error = e
             finally:
                 for hd in handles:
                     hd.remove()
+            if job.ranks is not None:
+                job.ranks.agree(error)
+                solved, seen = solve_distributed(job, group, hessians)
+                solutions.update(solved)
+                tokens.update(seen)
+                continue
             for name in group:
                 solutions[name] = solve_layer(name, job.linears[name], hessians)
                 hessians.release_if_done(name, solutions)
@@ -130,15 +143,72 @@ class TwoPass(Schedule):
         return run_block(job.block, job.inputs, device), stats  # 3
 
 
+def solve_distributed(
+    job: BlockJob, group: list[str], hessians: BlockHessians
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Solves ``group`` over the ranks: each Hessian (Linears that share one on any rank share it everywhere) is
+    reduced onto its owner (:func:`hf_babai.engine.distributed.owners`), the owner solves its Linears, and every
+    rank receives every solution with the calibration tokens behind it."""
+    ranks = job.ranks
+    assert ranks is not None
+    ids = {name: id(hessians.acc[name]) for name in group if name in hessians.acc}
+    found: list = [None] * ranks.world
+    local_sets = [[n for n in group if ids.get(n) == i] for i in dict.fromkeys(ids.values())]
+    torch.distributed.all_gather_object(found, local_sets)
+    shared = _union([names for rank_sets in found for names in rank_sets], group)
+    mine: dict[str, Any] = {}
+    error = None
+    costs = [solve_cost(linear_dims(job.linears[s[0]])[0], [linear_dims(job.linears[n])[1] for n in s]) for s in shared]
+    for names, owner in zip(shared, owners(costs, ranks.world), strict=True):
+        local = next((hessians.acc[n] for n in names if n in hessians.acc), None)
+        for n in names:
+            hessians.acc.pop(n, None)
+        total = ranks.reduce(local, linear_dims(job.linears[names[0]])[0], owner)
+        if total is None:
+            continue
+        if total.n:  # no token on any rank: solved as in one process, from an empty Hessian, with its warning
+            for n in names:
+                hessians.acc[n] = total
+        try:
+            for n in names:
+                mine[n] = (solve_layer(n, job.linears[n], hessians), hessians.tokens[n])
+                hessians.release_if_done(n, mine)
+        except Exception as e:
+            error = e
+            break
+    ranks.agree(error)
+    got = ranks.broadcast(mine)
+    return {n: got[n][0] for n in group}, {n: got[n][1] for n in group}
+
+
+def _union(sets: list[list[str]], order: list[str]) -> list[list[str]]:
+    """The Linears of ``order`` grouped by shared Hessian: two names share if they shared on any rank; each group
+    in module order, groups in order of their first Linear."""
+    parent = {n: n for n in order}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            n = parent[n]
+        return n
+
+    for names in sets:
+        for n in names[1:]:
+            parent[root(n)] = root(names[0])
+    groups: dict[str, list[str]] = {}
+    for n in order:
+        groups.setdefault(root(n), []).append(n)
+    return list(groups.values())
+
+
 def hessian_groups(linears: dict[str, nn.Linear], budget_gb: float) -> list[list[str]]:
-    """The Linears in module order, cut into runs whose float64 Hessians (``in_features²`` words each, counted for
-    every Linear: siblings that share one make the estimate conservative) fit ``budget_gb``; a Linear over budget
-    by itself is a group of its own."""
+    """The Linears in module order, cut into runs whose Hessians fit ``budget_gb`` (each ``in_features²`` entries
+    of two float64 bins while accumulating, counted for every Linear: siblings that share one make the estimate
+    conservative); a Linear over budget by itself is a group of its own."""
     budget = budget_gb * 2**30
     groups: list[list[str]] = [[]]
     used = 0.0
     for name, lin in linears.items():
-        size = 8.0 * lin.weight.shape[1] ** 2
+        size = 16.0 * lin.weight.shape[1] ** 2
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0.0
