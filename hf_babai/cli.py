@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -182,8 +182,8 @@ def _threads(n: int | None) -> None:
 
 
 def _launch(argv: list[str], nproc: int) -> int:
-    """``hf-babai quantize --nproc N``: the same command under ``torchrun`` on N local processes (the option
-    itself dropped), which then share the calibration and the solves (see docs/distributed.md)."""
+    """``hf-babai quantize --nproc N``: this process becomes ``torchrun`` running the same command on N local
+    processes (the option itself dropped), which then share the calibration and the solves (docs/distributed.md)."""
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -193,7 +193,42 @@ def _launch(argv: list[str], nproc: int) -> int:
         elif not a.startswith("--nproc="):
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "hf_babai", *rest])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*cmd, "-m", "hf_babai", *rest])  # torchrun takes this process's place (and its exit code)
+    return 1  # not reached
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """An unfinished run of the same ``--out`` is continued only with ``--resume`` and discarded only with
+    ``--overwrite``; it is never silently reused or lost."""
+    from hf_babai.engine.resume import RUN_FILE
+
+    held = (run_dir / RUN_FILE).is_file()
+    if held and not resume and not any((run_dir / "blocks").glob("block-*.json")):
+        shutil.rmtree(run_dir)  # stopped before its first block was finished: nothing to keep
+        held = False
+    if resume and not held:
+        raise CliError(f"--resume: there is no unfinished run to continue ({run_dir} holds none)")
+    if held and not resume:
+        if not overwrite:
+            raise CliError(
+                f"an unfinished run of this --out is kept in {run_dir}: continue it with --resume, or start again "
+                "with --overwrite (which discards it)"
+            )
+        shutil.rmtree(run_dir)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After a failed or interrupted quantize: how many blocks are kept and how to continue."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None or not run_dir.is_dir():
+        return ""
+    done = len(list((run_dir / "blocks").glob("block-*.json")))
+    if not done:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return ""
+    return f"; {done} finished blocks are kept in {run_dir}: run the same command with --resume to continue"
 
 
 def _join_process_group() -> int | None:
@@ -244,10 +279,14 @@ def _quantize(args: argparse.Namespace) -> int:
     memory = _max_memory(args.max_memory)
     if args.nproc is not None and args.nproc < 1:
         raise CliError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    launch = args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    main_rank = os.environ.get("RANK", "0") == "0"  # the one that checks, prints and writes
+    run_dir = args.run_dir = out.parent / f".{out.name}.unfinished"  # finished blocks, kept until --out is written
+    if main_rank:
+        _check_run_dir(run_dir, args.resume, args.overwrite)
+    if launch:
         return _launch(args.argv, args.nproc)
     local_rank = _join_process_group()
-    main_rank = local_rank is None or torch.distributed.get_rank() == 0  # the one that prints and writes
     try:
         cfg_src = AutoConfig.from_pretrained(src)
     except OSError as e:
@@ -259,7 +298,7 @@ def _quantize(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(src)
     fields = _settings_from(args)
     dataset = _read_dataset(args) if fields.get("method", "babai") == "babai" else None
-    qcfg = hf_babai.BabaiConfig(dataset=dataset, tokenizer=tok, **fields)
+    qcfg = hf_babai.BabaiConfig(dataset=dataset, tokenizer=tok, run_dir=run_dir, resume=args.resume, **fields)
 
     class _TqdmHandler(logging.Handler):  # live per-layer table that does not break the progress bar
         def emit(self, record: logging.LogRecord) -> None:
@@ -292,6 +331,7 @@ def _quantize(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         hf_babai.write_quant_log(model, tmp / "quant_log.csv")
+    shutil.rmtree(run_dir, ignore_errors=True)  # --out holds the finished checkpoint now
     for folder, target in exports:
         with staged_folder(folder) as tmp:
             hf_babai.export(model, tmp, target)
@@ -363,9 +403,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from hf_babai.engine.resume import RUN_FILE, run_progress, unfinished_message
     from hf_babai.hf.summary import checkpoint_summary, exported_summary, read_config
 
     path = Path(args.checkpoint)
+    if (path / RUN_FILE).is_file():
+        raise CliError(unfinished_message(path, *run_progress(path)))
     method = (read_config(path).get("quantization_config") or {}).get("quant_method")
     if method in ("compressed-tensors", "gptq"):
         info = exported_summary(path)
@@ -580,7 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-memory", nargs="*", default=None, help="e.g. cpu=2GiB 0=20GiB")
     q.add_argument("--export", default=None, help="also write a compressed-tensors checkpoint (vLLM) to this folder")
     q.add_argument("--export-gptq", default=None, help="also write a GPTQ v1 checkpoint to this folder")
-    q.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    q.add_argument(
+        "--overwrite", action="store_true", help="allow a non-empty --out folder (and discard an unfinished run)"
+    )
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of this --out from its last finished block (same model, data, settings)",
+    )
     q.add_argument("--json", action="store_true", help="also print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no per-layer table")
 
@@ -650,10 +700,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (CliError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_resume_hint(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the staged output folder is removed on the way out: nothing half-written remains
-        print(f"interrupted: `hf-babai {args.command}` stopped; no partial output was left behind", file=sys.stderr)
+        kept = _resume_hint(args) or "; no partial output was left behind"
+        print(f"interrupted: `hf-babai {args.command}` stopped{kept}", file=sys.stderr)
         return 130
 
 

@@ -29,6 +29,7 @@ from .blocks import (
     quantizable_linears,
     release_freed_memory,
     replace_module,
+    run_block,
     target_linears,
 )
 from .coverage import check_float_weights, float_share, weight_kinds, weight_report
@@ -37,12 +38,14 @@ from .experts import UnfusedExperts, set_expert_calibration, unfuse_experts
 from .hessians import BlockHessians, capture_hessians
 from .policy import QuantizationError, layer_damping, solve_layer, uses_one_pass
 from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
+from .resume import BlockStore, run_identity
 from .schedules import BlockJob, OnePass, RoundToNearest, Schedule, TwoPass, run_schedule, schedule_for
 
 __all__ = [
     "LAYER_TABLE_HEADER",
     "BlockHessians",
     "BlockJob",
+    "BlockStore",
     "LayerRecord",
     "OnePass",
     "QuantSpec",
@@ -65,6 +68,7 @@ __all__ = [
     "quantizable_linears",
     "quantize_model",
     "replace_module",
+    "run_identity",
     "solve_layer",
     "target_linears",
     "unfuse_experts",
@@ -105,6 +109,7 @@ def quantize_model(
     log_path: str | Path | None = None,
     progress: bool = True,
     ranks: Ranks | None = None,
+    store: BlockStore | None = None,
 ) -> list[LayerRecord]:
     """Quantizes every target Linear of every decoder block in place; returns the per-layer records.
 
@@ -117,6 +122,8 @@ def quantize_model(
         log_path: where to write the per-layer table (``quant_log.csv``; rank 0 only).
         ranks: the process group's ranks (default: :meth:`Ranks.current`, so a run under an initialized
             torch.distributed group is shared between its ranks; see ``docs/distributed.md``).
+        store: where each finished block is written as the run goes (rank 0), and from which the blocks an
+            interrupted run finished are rebuilt instead of quantized again (:class:`BlockStore`).
     """
     blocks_name, blocks = find_blocks(model)
     rtn = spec.method == "rtn"
@@ -170,6 +177,14 @@ def quantize_model(
         onload_block(block)
         linearize_conv1d(block)
         unfuse_experts(block)
+        if store is not None and b < store.finished:  # done by the interrupted run: rebuilt, then run for the
+            records += store.load(b, block, spec, f"{blocks_name}.{b}")  # next block's inputs, as it did
+            total_loss += sum(float(r.stats["loss"]) for r in records if r.block == b)
+            if not rtn:
+                outputs = run_block(block, inputs, execution_device(block))
+                inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
+            release_freed_memory()
+            continue
         set_expert_calibration(block, spec.expert_calibration)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
         try:
@@ -182,10 +197,13 @@ def quantize_model(
         del linears  # the float Linears: freed below with the block's Hessians and factors
         if outputs is not None:
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
-        for name, (shape, st, seen) in stats.items():
-            total_loss += st.loss
-            records.append(LayerRecord(b, name, *shape, seen, st.as_dict()))
-            log_layer(records[-1])
+        done = [LayerRecord(b, name, *shape, seen, st.as_dict()) for name, (shape, st, seen) in stats.items()]
+        for rec in done:
+            total_loss += float(rec.stats["loss"])
+            log_layer(rec)
+        records += done
+        if store is not None and (ranks is None or ranks.rank == 0):
+            store.save(b, block, done)
         if not rtn:
             bar.set_postfix(loss=f"{total_loss:.4g}")
         release_freed_memory()

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..engine.resume import UNFINISHED, run_progress, unfinished_message
 from ..formats import format_names, get_format
 from ..spec import QuantSpec, defaults, invalid, settings
 
 QUANT_METHOD = "babai"
 FORMAT_VERSION = 1
 BUILTIN_DATASETS = ("austen",)
-_EXTRA = ("dataset", "tokenizer", "calibration", "format_version", "layers")
+_EXTRA = ("dataset", "tokenizer", "calibration", "format_version", "layers", "run_dir", "resume")
+_NOT_SAVED = ("dataset", "tokenizer", "run_dir", "resume")
 
 
 class BabaiConfig(QuantizationConfigMixin):
@@ -46,6 +48,10 @@ class BabaiConfig(QuantizationConfigMixin):
         calibration: descriptor of the calibration data, filled in when quantizing (read back from checkpoints).
         format_version: the checkpoint layout version this hf_babai reads.
         layers: per-module buffer sizes of formats sized by their data, filled in when quantizing.
+        run_dir: a folder where each finished block is written as the run goes, so that an interrupted run can be
+            continued (``resume=True``); remove it once the model is saved. Not saved.
+        resume: continue the unfinished run in ``run_dir`` (same model, calibration data and settings, checked)
+            instead of starting one; without it, a ``run_dir`` that holds a run is refused. Not saved.
     """
 
     def __init__(
@@ -56,9 +62,13 @@ class BabaiConfig(QuantizationConfigMixin):
         calibration: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         layers: dict[str, dict[str, int]] | None = None,
+        run_dir: Any = None,
+        resume: bool = False,
         **fields: Any,
     ) -> None:
         fields.pop("quant_method", None)
+        if UNFINISHED in fields:  # the config.json of a run folder (hf_babai.engine.resume)
+            raise ValueError(unfinished_message(fields[UNFINISHED], *run_progress(fields[UNFINISHED])))
         unknown = sorted(set(fields) - set(settings()))
         if unknown:
             raise ValueError(f"BabaiConfig got unknown fields {unknown}; allowed: {', '.join([*settings(), *_EXTRA])}")
@@ -69,6 +79,8 @@ class BabaiConfig(QuantizationConfigMixin):
         self.calibration = calibration
         self.format_version = format_version
         self.layers = layers
+        self.run_dir = run_dir
+        self.resume = resume
         self.post_init()
 
     def post_init(self) -> None:
@@ -103,7 +115,7 @@ class BabaiConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to load the checkpoint; calibration objects are replaced by their descriptor."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")}
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _NOT_SAVED}
         out["quant_method"] = QUANT_METHOD
         return out
 

@@ -27,7 +27,17 @@ import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from ..engine import linear_dims, quantizable_linears, quantize_model, replace_module, unfuse_experts
+from ..engine import (
+    BlockStore,
+    Ranks,
+    find_blocks,
+    linear_dims,
+    quantizable_linears,
+    quantize_model,
+    replace_module,
+    run_identity,
+    unfuse_experts,
+)
 from ..formats import format_names, format_of, get_format, quantized_modules
 from .calibration import MISSING_DATASET, calibration_batches
 from .config import BabaiConfig
@@ -284,7 +294,8 @@ class BabaiHfQuantizer(HfQuantizer):
         if cfg.method == "babai":
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
-        self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size)
+        store = self._block_store(model, cfg, ids)
+        self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size, store=store)
         if getattr(model, "_weight_conversions", None):  # what save_pretrained will reverse
             model._weight_conversions = without_quantized_converters(model._weight_conversions, model)
         fmt = get_format(cfg.format)
@@ -293,6 +304,20 @@ class BabaiHfQuantizer(HfQuantizer):
         log.info("hf_babai: quantized %d layers in %.1f s", len(self.records), time.perf_counter() - start)
         model.config.quantization_config = cfg
         return model
+
+    @staticmethod
+    def _block_store(model: nn.Module, cfg: BabaiConfig, ids: torch.Tensor | None) -> BlockStore | None:
+        """The run folder (``cfg.run_dir``): written by rank 0 of a fresh run, read by every rank of a resumed one."""
+        if cfg.run_dir is None:
+            if cfg.resume:
+                raise ValueError("BabaiConfig(resume=True) needs run_dir, the folder of the run to continue")
+            return None
+        ranks = Ranks.current()
+        if ranks is not None and ranks.rank != 0 and not cfg.resume:
+            return None
+        identity = run_identity(model, cfg.spec(), ids, len(find_blocks(model)[1]))
+        config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        return BlockStore(cfg.run_dir, identity, cfg.resume, config=config)
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Every quantized module becomes an ``nn.Linear`` holding its dequantized weight."""
