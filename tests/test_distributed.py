@@ -143,7 +143,8 @@ def test_cli_nproc_2_writes_the_single_process_checkpoint(tiny_env, tmp_path):
         timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, child_error(two)
-    assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
+    for name in ("model.safetensors", "config.json"):  # the config records the two-pass schedule both ran
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert two.stdout.count("quantized 14 layers") == 1  # rank 0 alone reports
     bad = subprocess.run([*cli, "--out", str(tmp_path / "x"), "--nproc", "0"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "--nproc must be >= 1" in bad.stderr and not (tmp_path / "x").exists()

@@ -294,6 +294,8 @@ class BabaiHfQuantizer(HfQuantizer):
         if cfg.method == "babai":
             ids, mask, cfg.calibration = calibration_batches(cfg, model)
         model.eval()
+        if cfg.method == "babai" and Ranks.current() is not None and cfg.true_sequential is None:
+            cfg.true_sequential = False  # what a distributed run does (docs/distributed.md), recorded as such
         store = self._block_store(model, cfg, ids)
         self.records = quantize_model(model, cfg.spec(), ids, mask, batch_size=cfg.batch_size, store=store)
         if getattr(model, "_weight_conversions", None):  # what save_pretrained will reverse
