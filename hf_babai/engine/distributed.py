@@ -2,7 +2,7 @@
 
 Every rank holds the whole model (as under DDP) and runs the calibration forwards for its contiguous share of the
 samples. For each Hessian of a block, the ranks' partial sums are reduced onto one owner rank, chosen so that every
-rank gets about the same solve cost (``K³`` to factor a ``K``-wide Hessian plus ``K²`` per output row to solve;
+rank gets about the same solve cost (:func:`solve_cost`: factoring a ``K``-wide Hessian, then the per-weight work;
 Linears that share a Hessian are solved by the same owner, from one factor). Owners solve and broadcast the
 results; every rank swaps them in and propagates its own samples through the quantized block.
 
@@ -113,10 +113,17 @@ def owners(costs: list[float], world: int) -> list[int]:
     return out
 
 
+#: Solve time per weight over factoring time per ``K³``, measured on CPU with one thread
+#: (``bench/distributed.py``, ``docs/distributed.md``): the default scale search and nearest-plane sweep cost about
+#: 1.5e-6 s per weight, a factorization about 1.5-2e-10 s per K³.
+WEIGHT_COST = 1e4
+
+
 def solve_cost(in_features: int, out_features: list[int]) -> float:
     """Relative cost of solving Linears that share one ``in_features``-wide Hessian: one factorization (``K³``)
-    and a ``K²`` sweep per output row."""
-    return float(in_features) ** 3 + float(in_features) ** 2 * sum(out_features)
+    and the per-weight work of each Linear (scale search and nearest-plane sweep, :data:`WEIGHT_COST` each)."""
+    k = float(in_features)
+    return k**3 + WEIGHT_COST * k * sum(out_features)
 
 
 def _to_cpu(obj: Any) -> Any:
