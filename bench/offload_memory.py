@@ -11,6 +11,9 @@ so a peak can be put down to its phase. ``integration_tests/test_hf_real.py`` ru
 the same child on SmolLM2-135M and asserts the float-weight count and the identical logits.
 
     .venv/bin/python bench/offload_memory.py --model qwen2.5-0.5b --max-memory 800MiB
+
+``--stream`` adds a third run: offloaded, writing each finished block to a run folder as it goes
+(``BabaiConfig(run_dir=...)``, what ``hf-babai quantize`` does for ``--resume``), to measure what that costs.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ def anon_mb() -> float:
 
 
 def child(
-    src: str, out: str, ids_file: str, offload: str, max_memory: str, bits: int, group_size: int, scale_method: str
-) -> dict:
+    src: str, out: str, ids_file: str, offload: str, max_memory: str, bits: int, group_size: int, scale_method: str,
+    stream: bool = False,
+) -> dict:  # fmt: skip
     """Quantize on load (offloaded unless ``offload == "-"``), save to ``out`` with logits, return the memory record.
-    ``scale_method="default"`` keeps the library's; tests pass ``"minmax"`` (memory does not depend on it)."""
+    ``scale_method="default"`` keeps the library's; tests pass ``"minmax"`` (memory does not depend on it).
+    ``stream``: also write each finished block to a run folder as the run goes (``BabaiConfig(run_dir=...)``)."""
     import resource
     import threading
 
@@ -86,7 +91,8 @@ def child(
     engine.onload_block, engine.find_blocks = onload_and_measure, find_and_remember
     ids = torch.load(ids_file)
     scales = {} if scale_method == "default" else {"scale_method": scale_method}
-    cfg = hf_babai.BabaiConfig(bits=bits, group_size=group_size, dataset=ids, **scales)
+    run = {"run_dir": f"{out}.run"} if stream else {}
+    cfg = hf_babai.BabaiConfig(bits=bits, group_size=group_size, dataset=ids, **scales, **run)
     kw = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": offload} if offload != "-" else {}
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
@@ -106,11 +112,12 @@ def child(
 
 
 def run_child(
-    src: Path, out: Path, ids_file: Path, offload: str, max_memory: str, bits: int, group: int, scales: str = "default"
-) -> dict:
+    src: Path, out: Path, ids_file: Path, offload: str, max_memory: str, bits: int, group: int, scales: str = "default",
+    stream: bool = False,
+) -> dict:  # fmt: skip
     """:func:`child` in a fresh process; its record."""
     args = [sys.executable, __file__, "--one", str(src), str(out), str(ids_file), offload, max_memory]
-    proc = subprocess.run([*args, str(bits), str(group), scales], capture_output=True, text=True)
+    proc = subprocess.run([*args, str(bits), str(group), scales, str(int(stream))], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"quantize-on-load child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -118,8 +125,8 @@ def run_child(
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        src, out, ids_file, offload, max_memory, bits, group, scales = sys.argv[2:10]
-        print(json.dumps(child(src, out, ids_file, offload, max_memory, int(bits), int(group), scales)))
+        src, out, ids_file, offload, max_memory, bits, group, scales, stream = sys.argv[2:11]
+        print(json.dumps(child(src, out, ids_file, offload, max_memory, int(bits), int(group), scales, stream == "1")))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -129,6 +136,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--only-offloaded", action="store_true", help="skip the in-memory run (no logits comparison)")
+    ap.add_argument("--stream", action="store_true", help="also the offloaded run writing each block to a run folder")
     ap.add_argument("--out", type=Path, help="append the JSON record here too")
     args = ap.parse_args()
 
@@ -150,6 +158,11 @@ def main() -> None:
         runs["offloaded"] = run_child(
             src, tmp / "offloaded", tmp / "ids.pt", str(tmp / "off"), args.max_memory, args.bits, args.group_size
         )
+        if args.stream:
+            runs["offloaded_streamed"] = run_child(
+                src, tmp / "streamed", tmp / "ids.pt", str(tmp / "off2"), args.max_memory, args.bits, args.group_size,
+                stream=True,
+            )  # fmt: skip
         same = None
         if "in_memory" in runs:
             same = torch.equal(torch.load(tmp / "inmem" / "logits.pt"), torch.load(tmp / "offloaded" / "logits.pt"))

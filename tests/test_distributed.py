@@ -3,6 +3,7 @@ byte; a rank that fails stops every rank with its message; the CLI's ``--nproc``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,6 +116,43 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
     assert got[1]["error"].endswith("out of memory in block 1")
     assert got[0]["error"] == "RuntimeError: rank 1 failed: ValueError: out of memory in block 1"
     assert not got[0]["wrote_log"]
+
+
+def _crashing_worker(rank: int, world: int, folder: str, _unused: int) -> None:
+    """Two ranks quantize with a run folder (rank 0 writes it) and both crash as block 1 starts."""
+    import torch.distributed as dist
+
+    from hf_babai.engine import BlockStore, quantize_model, run_identity
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    model = _model()
+    store = BlockStore(f"{folder}/run", run_identity(model, _spec(), IDS, 2), resume=False) if rank == 0 else None
+
+    def crash(*_):
+        raise ValueError("crash")
+
+    model.model.layers[1].register_forward_pre_hook(crash)
+    with contextlib.suppress(ValueError):  # the crash, on both ranks (rank 1's, or "rank 1 failed")
+        quantize_model(model, _spec(), IDS, progress=False, store=store)
+    dist.destroy_process_group()
+
+
+def test_a_distributed_run_resumes_in_one_process(tmp_path):
+    """Block 0 finished on two ranks, then both crashed: one process resumes from rank 0's run folder and gets the
+    model an uninterrupted single-process run gets (the result does not depend on the number of ranks)."""
+    from hf_babai.engine import BlockStore, quantize_model, run_identity
+
+    torch.set_num_threads(1)
+    mp.spawn(_crashing_worker, args=(2, str(tmp_path), -1), nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "blocks").iterdir())[0] == "block-00000.json"
+    model = _model()
+    store = BlockStore(tmp_path / "run", run_identity(model, _spec(), IDS, 2), resume=True)
+    assert store.finished == 1
+    quantize_model(model, _spec(), IDS, progress=False, store=store)
+    reference = _model()
+    quantize_model(reference, _spec(), IDS, progress=False)
+    assert _digest(model) == _digest(reference)
 
 
 def test_owners_balance_solve_cost_deterministically():
