@@ -47,6 +47,7 @@ NOT_RUN = {
     "export HF_ENDPOINT": "environment for the local Hub, which this test sets itself",
     "HF_TOKEN=hf_wrong hf-babai publish": "a rejected token: tests/test_bad_inputs.py",
     "hf-babai-lm-eval": "lm-eval's own CLI: integration_tests/test_publish_eval.py runs it",
+    "torchrun": "a launcher that starts processes: tests/test_distributed.py runs the same through --nproc",
 }
 MARK = re.compile(r"<!-- snippet: excerpt (\S.*) -->")
 

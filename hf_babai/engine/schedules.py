@@ -159,23 +159,25 @@ def solve_distributed(
     mine: dict[str, Any] = {}
     error = None
     costs = [solve_cost(linear_dims(job.linears[s[0]])[0], [linear_dims(job.linears[n])[1] for n in s]) for s in shared]
-    for names, owner in zip(shared, owners(costs, ranks.world), strict=True):
-        local = next((hessians.acc[n] for n in names if n in hessians.acc), None)
+    owned: list[list[str]] = []
+    for names, owner in zip(shared, owners(costs, ranks.world), strict=True):  # every reduce first, so that the
+        local = next((hessians.acc[n] for n in names if n in hessians.acc), None)  # owners then solve at once
         for n in names:
             hessians.acc.pop(n, None)
         total = ranks.reduce(local, linear_dims(job.linears[names[0]])[0], owner)
         if total is None:
             continue
+        owned.append(names)
         if total.n:  # no token on any rank: solved as in one process, from an empty Hessian, with its warning
             for n in names:
                 hessians.acc[n] = total
-        try:
+    try:
+        for names in owned:
             for n in names:
                 mine[n] = (solve_layer(n, job.linears[n], hessians), hessians.tokens[n])
                 hessians.release_if_done(n, mine)
-        except Exception as e:
-            error = e
-            break
+    except Exception as e:
+        error = e
     ranks.agree(error)
     got = ranks.broadcast(mine)
     return {n: got[n][0] for n in group}, {n: got[n][1] for n in group}
