@@ -31,6 +31,16 @@ def _anon_mib() -> float:
     return float("nan")
 
 
+def _cpu() -> str:
+    """The CPU model and core count (timings are of this machine)."""
+    import os
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def rank_main(rank: int, world: int, folder: str, args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +126,7 @@ def main() -> None:
                 "model": args.model,
                 "settings": {"bits": args.bits, "group_size": args.group_size, "schedule": "two passes"},
                 "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen},
+                "device": _cpu(),
                 "threads_per_process": 1,
                 "ranks": args.ranks,
                 "seconds_one_process": one[0]["seconds"],
