@@ -160,8 +160,9 @@ def test_owners_balance_solve_cost_deterministically():
 
     costs = [solve_cost(4096, [4096] * 3), solve_cost(4096, [4096]), solve_cost(4096, [11008] * 2)]
     costs.append(solve_cost(11008, [4096]))
-    assert owners(costs, 2) == [1, 1, 1, 0]  # the 11008-wide down_proj weighs about as much as the rest
+    assert owners(costs, 2) == [1, 0, 0, 1]  # gate/up (the most weights) alone; q/k/v with down_proj; o to rank 1
     assert owners(costs, 1) == [0, 0, 0, 0]
+    assert owners(costs, 4) == [1, 3, 0, 2]
     assert owners([1.0, 1.0, 1.0, 1.0], 3) == [0, 1, 2, 0]
 
 

@@ -113,10 +113,11 @@ def owners(costs: list[float], world: int) -> list[int]:
     return out
 
 
-#: Solve time per weight over factoring time per ``K³``, measured on CPU with one thread
-#: (``bench/distributed.py``, ``docs/distributed.md``): the default scale search and nearest-plane sweep cost about
-#: 1.5e-6 s per weight, a factorization about 1.5-2e-10 s per K³.
-WEIGHT_COST = 1e4
+#: Solve time per weight over factoring time per ``K³``, fitted to the engine's per-layer solve times on
+#: Qwen2.5-0.5B (one CPU thread, ``bench/distributed.py``, ``docs/distributed.md``): about 1.1e-6 s per weight
+#: (the default scale search and nearest-plane sweep) and 3.9e-12 s per K³, so the per-weight work dominates
+#: up to the widest layers of today's models.
+WEIGHT_COST = 3e5
 
 
 def solve_cost(in_features: int, out_features: list[int]) -> float:
