@@ -178,8 +178,9 @@ def quantize_model(
         linearize_conv1d(block)
         unfuse_experts(block)
         if store is not None and b < store.finished:  # done by the interrupted run: rebuilt, then run for the
-            records += store.load(b, block, spec, f"{blocks_name}.{b}")  # next block's inputs, as it did
-            total_loss += sum(float(r.stats["loss"]) for r in records if r.block == b)
+            loaded = store.load(b, block, spec, f"{blocks_name}.{b}")  # next block's inputs, as it did
+            records += loaded
+            total_loss += sum(float(r.stats["loss"]) for r in loaded)
             if not rtn:
                 outputs = run_block(block, inputs, execution_device(block))
                 inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
