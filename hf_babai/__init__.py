@@ -14,7 +14,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .hf import BabaiConfig, BabaiHfQuantizer, BabaiQuantizer, CheckpointError, export, set_backend, write_quant_log
+from .hf import (
+    BabaiConfig,
+    BabaiHfQuantizer,
+    BabaiQuantizer,
+    CheckpointError,
+    export,
+    save_streamed,
+    set_backend,
+    write_quant_log,
+)
 
 _LAZY = {"evaluate": "eval", "publish": "hub", "build_card": "hub", "PublishError": "hub"}
 
@@ -29,6 +38,7 @@ __all__ = [
     "evaluate",
     "export",
     "publish",
+    "save_streamed",
     "set_backend",
     "write_quant_log",
 ]

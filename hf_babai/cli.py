@@ -266,6 +266,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from hf_babai.engine import LAYER_TABLE_HEADER, weight_report
     from hf_babai.formats import get_format
     from hf_babai.hf.files import check_destination, staged_folder
+    from hf_babai.hf.streamed import parse_size
 
     src = args.model
     _check_model(src)
@@ -277,6 +278,10 @@ def _quantize(args: argparse.Namespace) -> int:
         others = {"--out": out, **sources, **{f"the {t} export": f for f, t in exports[:i]}}
         check_destination(folder, overwrite=args.overwrite, sources=others)
     memory = _max_memory(args.max_memory)
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as e:
+        raise CliError(str(e).replace("max_shard_size=", "--max-shard-size ")) from None
     if args.nproc is not None and args.nproc < 1:
         raise CliError(f"--nproc must be >= 1, got {args.nproc}")
     launch = args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ
@@ -328,14 +333,16 @@ def _quantize(args: argparse.Namespace) -> int:
     if not main_rank:  # every rank holds the same quantized model; rank 0 writes it
         return 0
     with staged_folder(out) as tmp:  # nothing at --out until every file is written
-        model.save_pretrained(tmp)
+        hf_babai.save_streamed(model, tmp, max_shard_size=args.max_shard_size)  # blocks copied from run_dir
         tok.save_pretrained(tmp)
         hf_babai.write_quant_log(model, tmp / "quant_log.csv")
-    shutil.rmtree(run_dir, ignore_errors=True)  # --out holds the finished checkpoint now
-    for folder, target in exports:
-        with staged_folder(folder) as tmp:
-            hf_babai.export(model, tmp, target)
-            tok.save_pretrained(tmp)
+    try:
+        for folder, target in exports:
+            with staged_folder(folder) as tmp:
+                hf_babai.export(model, tmp, target)
+                tok.save_pretrained(tmp)
+    finally:  # --out holds the finished checkpoint; the exports read the mapped block files until here
+        shutil.rmtree(run_dir, ignore_errors=True)
     records = hf_babai.hf.quant_log_records(model)
     loss = sum(float(r.stats["loss"]) for r in records)
     bound = sum(float(r.stats["bound"]) for r in records)
@@ -621,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device-map", default=None, help="e.g. auto (accelerate; blocks may be offloaded to disk)")
     q.add_argument("--offload-folder", default=None, help="folder for disk-offloaded weights")
     q.add_argument("--max-memory", nargs="*", default=None, help="e.g. cpu=2GiB 0=20GiB")
+    q.add_argument(
+        "--max-shard-size",
+        default="50GB",
+        help="largest checkpoint file, e.g. 5GB (default: transformers' 50GB); the quantized blocks are copied "
+        "into the shards from the run folder, so the size does not change the memory the save needs",
+    )
     q.add_argument("--export", default=None, help="also write a compressed-tensors checkpoint (vLLM) to this folder")
     q.add_argument("--export-gptq", default=None, help="also write a GPTQ v1 checkpoint to this folder")
     q.add_argument(

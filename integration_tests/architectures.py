@@ -13,6 +13,7 @@ way. ``python -m integration_tests.architectures [ARCH ...] [--write]`` prints o
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import gc
 import json
 import re
@@ -237,7 +238,7 @@ def round_trip(arch: str, seconds: int = 120) -> Outcome:
                 return Outcome(arch, "no-tiny-model", "float save", f"{type(exc).__name__}: {exc}"[:400])
             del model
             step = "quantize"
-            qcfg = hf_babai.BabaiConfig(bits=4, group_size=16, dataset=ids)
+            qcfg = hf_babai.BabaiConfig(bits=4, group_size=16, dataset=ids, run_dir=f"{tmp}/run")
             model = cls.from_pretrained(f"{tmp}/float", quantization_config=qcfg, dtype=torch.float32)
             out.quantized = sum(1 for _ in quantized_modules(model))
             out.float_weights = float_leftovers(model)
@@ -246,6 +247,13 @@ def round_trip(arch: str, seconds: int = 120) -> Outcome:
             ref = _logits(model, x)
             step = "save"
             model.save_pretrained(f"{tmp}/q")
+            step = "streamed save"  # the same files, block tensors copied from the run folder
+            hf_babai.save_streamed(model, f"{tmp}/qs")
+            differ = [f.name for f in Path(f"{tmp}/q").iterdir() if not filecmp.cmp(f, f"{tmp}/qs/{f.name}", False)]
+            if differ or len(list(Path(f"{tmp}/qs").iterdir())) != len(list(Path(f"{tmp}/q").iterdir())):
+                out.message = f"the streamed save differs from save_pretrained's: {differ or 'other files'}"
+                out.step = step
+                return out
             step = "reload"
             again = cls.from_pretrained(f"{tmp}/q")
             step = "compare"

@@ -205,6 +205,7 @@ def quantize_model(
         records += done
         if store is not None and (ranks is None or ranks.rank == 0):
             store.save(b, block, done)
+            store.map_into(b, block)  # its packed tensors now read from the file: private memory stays flat
         if not rtn:
             bar.set_postfix(loss=f"{total_loss:.4g}")
         release_freed_memory()

@@ -98,6 +98,11 @@ class BlockStore:
     def _path(self, b: int, suffix: str) -> Path:
         return self.folder / "blocks" / f"block-{b:05d}.{suffix}"
 
+    @staticmethod
+    def block_file(folder: str | Path, b: int) -> Path:
+        """The packed tensors of block ``b`` in the run folder ``folder`` (names relative to the block)."""
+        return Path(folder) / "blocks" / f"block-{b:05d}.safetensors"
+
     def save(self, b: int, block: nn.Module, records: list[LayerRecord]) -> None:
         """Writes block ``b`` (already quantized) and its records, then counts it as finished."""
         from safetensors.torch import save_file
@@ -134,10 +139,27 @@ class BlockStore:
             w = lin.weight
             mod = fmt.empty(*linear_dims(lin), spec, meta["sizes"][name] or None, bias=lin.bias is not None,
                             dtype=w.dtype, device=w.device)  # fmt: skip
-            own = {k[len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(name + ".")}
-            mod.load_state_dict(own, strict=True)
+            mod.load_state_dict(_own(tensors, name), strict=True)
             replace_module(block, name, mod.to(w.device))
+        self.map_into(b, block)
         return [LayerRecord(**r) for r in meta["records"]]
+
+    def map_into(self, b: int, block: nn.Module) -> None:
+        """Points block ``b``'s quantized tensors on the CPU at its file, memory-mapped. Their pages then belong
+        to the file (the kernel can drop and reread them), so a run's private memory does not grow with its
+        finished blocks: it holds the working set of one block and the weights outside the blocks. The values
+        are the ones just written; tensors on a GPU stay where they are."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self._path(b, "safetensors")))
+        for name, mod in block.named_modules():
+            if format_of(mod) is not None and all(t.device.type == "cpu" for t in mod.state_dict().values()):
+                mod.load_state_dict(_own(tensors, name), strict=True, assign=True)
+
+
+def _own(tensors: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``module`` (a name inside the block) among a block file's, under their names in it."""
+    return {k[len(module) + 1 :]: t for k, t in tensors.items() if k.startswith(module + ".")}
 
 
 def run_identity(model: nn.Module, spec: QuantSpec, input_ids: torch.Tensor | None, n_blocks: int) -> dict[str, Any]:

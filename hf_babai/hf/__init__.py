@@ -12,6 +12,7 @@ from .config import QUANT_METHOD, BabaiConfig
 from .export import export
 from .optimum_api import BabaiQuantizer
 from .quantizer import BabaiHfQuantizer, CheckpointError, check_checkpoint, replace_with_quantized_modules
+from .streamed import save_streamed
 
 __all__ = [
     "QUANT_METHOD",
@@ -24,6 +25,7 @@ __all__ = [
     "quant_log_records",
     "register",
     "replace_with_quantized_modules",
+    "save_streamed",
     "set_backend",
     "write_quant_log",
 ]

@@ -254,6 +254,7 @@ class BabaiHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: BabaiConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.records: list = []
+        self.saved_elsewhere: set[str] | None = None  # tensors save_pretrained leaves out (hf_babai.save_streamed)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         cfg = self.quantization_config
@@ -333,6 +334,13 @@ class BabaiHfQuantizer(HfQuantizer):
                     lin.bias.copy_(mod.bias)
             replace_module(model, name, lin)
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict | None, dict]:
+        """save_pretrained's hook for the tensors it writes: all of them (``None``), except while
+        :func:`~hf_babai.hf.streamed.save_streamed` copies the quantized block tensors from the run folder itself."""
+        if not self.saved_elsewhere:
+            return None, {}
+        return {k: v for k, v in model.state_dict().items() if k not in self.saved_elsewhere}, {}
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
