@@ -198,3 +198,44 @@ def test_four_ranks_with_uneven_shares(tmp_path):
     quantize_model(model, _spec(), IDS, progress=False)
     got = _run_ranks(tmp_path, world=4)
     assert all(r["digest"] == _digest(model) for r in got)
+
+
+def _moe():
+    from integration_tests.architectures import _tiny_model
+
+    torch.manual_seed(0)
+    return _tiny_model("qwen3_moe", {}, IDS).eval()  # 2 MoE blocks, fused experts unfused one Linear each
+
+
+def _moe_worker(rank: int, world: int, folder: str, _unused: int) -> None:
+    import torch.distributed as dist
+
+    from hf_babai.engine import quantize_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = _moe()
+        records = quantize_model(model, _spec(batch_size=1), IDS, progress=False)
+        out = {"digest": _digest(model), "tokens": {r.name: r.tokens for r in records}}
+        (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_moe_experts_on_two_ranks_give_the_single_process_model(tmp_path):
+    """A mixture-of-experts model (every expert its own Hessian, spread over the ranks by solve cost): with one
+    sample per forward, each rank's batches are the single process's batches, so the model is the same byte for
+    byte, and each expert's Hessian counts the tokens routed to it from both ranks' samples."""
+    from hf_babai.engine import quantize_model
+
+    torch.set_num_threads(1)
+    model = _moe()
+    records = quantize_model(model, _spec(batch_size=1), IDS, progress=False)
+    experts = {r.name: r.tokens for r in records if ".experts." in r.name}
+    assert len(experts) > 8 and len(set(experts.values())) > 1  # experts see different numbers of tokens
+    mp.spawn(_moe_worker, args=(2, str(tmp_path), -1), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    for r in got:
+        assert r["digest"] == _digest(model)
+        assert r["tokens"] == {rec.name: rec.tokens for rec in records}
