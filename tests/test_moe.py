@@ -29,13 +29,14 @@ ARCHS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 RECOGNISED = (
     "afmoe", "aria", "aria_text", "axk1", "axk2", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32",
     "dots1", "dots3_note_text", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa",
-    "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hy_v3", "hy_v4", "hy_v4_vl",
+    "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+    "hy_v3", "hy_v4", "hy_v4_vl",
     "jamba", "kimi_k25", "kolibri1", "laguna", "llama4", "llama4_text", "lara_mini", "longcat_flash", "mellum",
     "mimo_v2_flash",
     "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl", "minimax_m3_vl_text", "mistral4", "mistral_large4",
     "mixtral", "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe",
     "qwen3_next", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
-    "sarvam_moe", "solar_open",
+    "sarvam_moe", "solar_open", "zaya",
 )  # fmt: skip
 
 
