@@ -13,7 +13,10 @@ the same child on SmolLM2-135M and asserts the float-weight count and the identi
     .venv/bin/python bench/offload_memory.py --model qwen2.5-0.5b --max-memory 800MiB
 
 ``--stream`` adds a third run: offloaded, writing each finished block to a run folder as it goes
-(``BabaiConfig(run_dir=...)``, what ``hf-babai quantize`` does for ``--resume``), to measure what that costs.
+(``BabaiConfig(run_dir=...)``, what ``hf-babai quantize`` does) and saving with ``hf_babai.save_streamed`` (the
+block tensors copied from those files) instead of ``save_pretrained`` from memory. Every run records the peak of
+private memory during the save alone (``peak_anon_save_mb``) and just before it (``anon_before_save_mb``): the
+save's own cost, against the quantized model it starts from; the streamed checkpoint must equal the others.
 """
 
 from __future__ import annotations
@@ -56,12 +59,14 @@ def child(
     trace: list[float] = []
 
     phase = {"now": "loading", "at_peak": "loading"}  # what the process was doing when private memory peaked
+    by_phase: dict[str, float] = {}  # the peak of each phase ("save": save_pretrained or save_streamed alone)
 
     def sample() -> None:
         while True:
             now = anon_mb()
             if now > peak["anon"]:
                 peak["anon"], phase["at_peak"] = now, phase["now"]
+            by_phase[phase["now"]] = max(by_phase.get(phase["now"], 0.0), now)
             time.sleep(0.005)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -97,16 +102,24 @@ def child(
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32, **kw)
     seconds = time.perf_counter() - t0
-    peak_load_quantize = max(peak["anon"], anon_mb())  # before save_pretrained and the logits forward
-    phase["now"] = "save and logits"
+    peak_load_quantize = max(peak["anon"], anon_mb())  # before the save and the logits forward
     disk = sorted(k for k, v in (getattr(model, "hf_device_map", None) or {}).items() if v == "disk")
-    model.save_pretrained(out)
+    time.sleep(0.05)
+    before_save = anon_mb()
+    phase["now"] = "save"
+    if stream:
+        hf_babai.save_streamed(model, out)
+    else:
+        model.save_pretrained(out)
+    time.sleep(0.05)  # the sampler's last reading of the save
+    phase["now"] = "logits"
     with torch.no_grad():
         torch.save(model(ids[:2, :128]).logits, Path(out) / "logits.pt")
     return {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "base_anon_mb": base, "peak_anon_mb": peak["anon"], "peak_anon_loading_mb": peak.get("anon_loading"),
         "peak_anon_until_quantized_mb": peak_load_quantize, "anon_at_onload_mb": trace,
+        "anon_before_save_mb": before_save, "peak_anon_save_mb": by_phase.get("save"),
         "phase_at_peak_anon": phase["at_peak"], "disk": disk, "float_peak_mb": peak["float"], "seconds": seconds,
     }  # fmt: skip
 
@@ -163,17 +176,22 @@ def main() -> None:
                 src, tmp / "streamed", tmp / "ids.pt", str(tmp / "off2"), args.max_memory, args.bits, args.group_size,
                 stream=True,
             )  # fmt: skip
-        same = None
+        same = streamed_same = None
         if "in_memory" in runs:
             same = torch.equal(torch.load(tmp / "inmem" / "logits.pt"), torch.load(tmp / "offloaded" / "logits.pt"))
+        if args.stream:  # the streamed checkpoint is the one save_pretrained wrote, byte for byte
+            streamed_same = all(
+                (tmp / "streamed" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "offloaded").iterdir()
+            )
     fp32_mb = sum(f.stat().st_size for f in Path(src).glob("*.safetensors")) / 2**20
     for r in runs.values():
         r["on_disk"] = r.pop("disk")  # device-map keys; [""] = the whole model
         r["private_above_base_mb"] = r["peak_anon_mb"] - r["base_anon_mb"]
+        r["save_extra_mb"] = r["peak_anon_save_mb"] - r["anon_before_save_mb"]  # what the save itself added
     rec = {
         "model": args.model, "bits": args.bits, "group_size": args.group_size,
         "calib": f"{args.calib}x{args.calib_seqlen}", "max_memory": args.max_memory,
-        "fp32_checkpoint_mb": fp32_mb, "logits_equal": same, **runs,
+        "fp32_checkpoint_mb": fp32_mb, "logits_equal": same, "streamed_files_equal": streamed_same, **runs,
     }  # fmt: skip
     print(json.dumps(rec))
     if args.out:
