@@ -1,4 +1,4 @@
-"""Writing a quantized checkpoint from the run folder's block files: the final save makes no second copy of the model.
+"""Writing a quantized checkpoint from the run folder's block files, so the final save needs no model in memory.
 
 A run with ``BabaiConfig(run_dir=...)`` (every ``hf-babai quantize`` run) writes each finished block's packed
 tensors to the run folder as it goes (:class:`~hf_babai.engine.resume.BlockStore`). :func:`save_streamed` then
@@ -7,9 +7,11 @@ writes the checkpoint in two parts. transformers' ``save_pretrained`` writes eve
 are handled as always; the block tensors are copied from the run folder, byte range by byte range, under the names
 ``save_pretrained`` would give them, into shards of at most ``max_shard_size``.
 
-Why: ``save_pretrained`` serializes each shard into one buffer before writing it, and its default shard (50 GB)
-holds a whole quantized model up to that size, so saving from memory doubles the model's footprint at the very
-end of a run. Here the extra memory is the non-block weights' shard and a fixed copy buffer.
+Why: during such a run the finished blocks' packed tensors are memory-mapped from those files (``BlockStore.
+map_into``), so the run's private memory does not grow with the model; the save keeps it so, adding only what
+``save_pretrained`` needs for the non-block weights (the kernel copies the block bytes file to file). With
+safetensors before 0.8, ``save_pretrained`` also serialized each shard (by default up to 50 GB: a whole quantized
+model) into one buffer before writing it.
 
 The files are the ones ``save_pretrained`` writes: every tensor under the same name with the same bytes, and a
 checkpoint that fits one shard is byte-identical to it (the same safetensors header, tensors in safetensors' own
