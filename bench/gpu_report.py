@@ -2,9 +2,10 @@
 
 Reads what each part left in the work folder (``<part>.status``: exit code and seconds; ``<part>.stdout`` /
 ``.stderr``; the part's own JSON, or for a part stopped early the JSON records it had printed) and writes
-``tests.json``, ``kernels.json``, ``engine.json``, ``decode.json`` and ``summary.json`` to the output folder, each
-with the device name. The summary checks the kernel targets (M = 1 on the 4096×14336 weight: int4 g128 ≥ 3.5×
-BF16, int3 ≥ 4.5×, SSQR 3-bit ≥ 4×, HPTQ ≥ 1.5×; at M = 128 no format more than 10 % slower than BF16) and says
+``tests.json``, ``kernels.json``, ``engine.json``, ``decode.json``, ``distributed.json`` and ``summary.json`` to the
+output folder, each with the device name. The summary checks the kernel targets (M = 1 on the 4096×14336
+weight: int4 g128 ≥ 3.5× BF16, int3 ≥ 4.5×, SSQR 3-bit ≥ 4×, HPTQ ≥ 1.5×; at M = 128 no format more than 10 %
+slower than BF16) and says
 whether the run qualifies the Triton kernels as the CUDA default (``TRITON_GPU_VERIFIED`` in
 ``hf_babai/formats/kernel_ops.py``): every kernel test passed and every kernel's result matched its reference.
 
@@ -18,7 +19,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-PARTS = ("tests", "kernels", "engine", "decode")
+PARTS = ("tests", "kernels", "engine", "decode", "distributed")
 TARGET_SHAPE = (4096, 14336)  # (N out, K in): Llama-3-8B's down_proj
 # format label in bench/kernel_speed.py's records → speedup over BF16 at M = 1 on TARGET_SHAPE
 M1_TARGETS = {"int4": 3.5, "int3": 4.5, "ssqr": 4.0, "hptq": 1.5}
@@ -127,6 +128,7 @@ def main(work: Path, dest: Path) -> dict:
         and not bad
     )
     engine = parts["engine"]["records"] if isinstance(parts["engine"]["records"], dict) else {}
+    distributed = parts["distributed"]["records"] if isinstance(parts["distributed"]["records"], dict) else {}
     summary = {
         "device": device,
         "parts": {name: {k: body.get(k) for k in ("status", "rc", "seconds")} for name, body in parts.items()},
@@ -134,6 +136,7 @@ def main(work: Path, dest: Path) -> dict:
         "kernel_targets": parts["kernels"]["targets"],
         "kernel_wrong_results": bad,  # results off their reference, and formats that failed
         "engine_passed": engine.get("passed"),
+        "distributed_identical": distributed.get("identical"),  # one NCCL rank gives the single-process model
         "decode": [
             {k: r.get(k) for k in ("format", "bits", "backend", "tokens_per_s", "speedup", "linear_speedup", "error")}
             for r in parts["decode"]["records"]
@@ -149,6 +152,7 @@ def main(work: Path, dest: Path) -> dict:
     for check in summary["kernel_targets"]:
         print(f"  target {check['target']}: {check['measured']} -> {check['met']}")
     print(f"  engine same as the CPU run: {summary['engine_passed']}")
+    print(f"  distributed ({distributed.get('backend')}, one rank) same as one process: {distributed.get('identical')}")
     for rec in summary["decode"]:
         label = f"{rec['format']}{rec['bits']}" if rec["format"] == "int" else rec["format"]
         result = rec["error"] or f"{rec['tokens_per_s']} tok/s (x{rec['speedup']}; Linears x{rec['linear_speedup']})"

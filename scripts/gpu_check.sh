@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first GPU run of hf_babai in one script (docs/kernels.md, "The GPU check"): the kernel tests (the
 # gpu-marked ones included) on CUDA, every format's kernel vs BF16 at M = 1, 16, 128 with the copy bandwidth, the
-# engine on CUDA against the CPU, and decode tokens/s of a Qwen2.5-1.5B-shaped model. One JSON file per part and a
+# engine on CUDA against the CPU, decode tokens/s of a Qwen2.5-1.5B-shaped model, and the distributed engine on
+# NCCL with one rank. One JSON file per part and a
 # summary under OUT_DIR; a part that fails or runs out of time is recorded as such and the next one still runs.
 # Uses the python already installed there (torch + triton), hf_babai from this checkout; nothing is downloaded.
 #   scripts/gpu_check.sh [OUT_DIR]              on a CUDA machine, about 6 minutes, at most 8
@@ -41,6 +42,7 @@ if [[ $DRY == 1 ]]; then
     part kernels 120 "$PY" bench/kernel_speed.py --smoke --part kernels --out "$WORK/kernels.json"
     part engine 120 "$PY" bench/engine_device.py --tiny --out "$WORK/engine.json"
     part decode 120 "$PY" bench/kernel_speed.py --smoke --part decode --out "$WORK/decode.json"
+    part distributed 120 "$PY" bench/distributed_device.py --out "$WORK/distributed.json"
 else
     if ! "$PY" -c "import torch, triton; assert torch.cuda.is_available()" 2>/dev/null; then
         echo "gpu_check: needs torch with a visible CUDA device and triton ('$PY'); use --dry-run on CPU"
@@ -55,5 +57,6 @@ else
     part kernels 150 "$PY" bench/kernel_speed.py --part kernels --out "$WORK/kernels.json"
     part engine 90 "$PY" bench/engine_device.py --out "$WORK/engine.json"
     part decode 90 "$PY" bench/kernel_speed.py --part decode --out "$WORK/decode.json"
+    part distributed 60 "$PY" bench/distributed_device.py --out "$WORK/distributed.json"
 fi
 "$PY" bench/gpu_report.py "$WORK" "$DEST"

@@ -36,18 +36,20 @@ def _load(out: Path, name: str) -> dict:
 def test_every_part_runs_and_writes_its_json(dry_run):
     out, stdout = dry_run
     assert sorted(p.name for p in out.iterdir()) == [
-        "decode.json", "engine.json", "kernels.json", "summary.json", "tests.json",
+        "decode.json", "distributed.json", "engine.json", "kernels.json", "summary.json", "tests.json",
     ]  # fmt: skip
     summary = _load(out, "summary")
     assert summary["device"] == "cpu (dry run)"
     assert {name: p["status"] for name, p in summary["parts"].items()} == dict.fromkeys(
-        ("tests", "kernels", "engine", "decode"), "ok"
+        ("tests", "kernels", "engine", "decode", "distributed"), "ok"
     ), stdout
     assert summary["tests"] == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1}  # the gpu test skips on CPU
     assert summary["triton_kernels_qualify_as_cuda_default"] is False  # never from a run without a GPU
     assert "Triton kernels qualify as the CUDA default: False" in stdout
-    for name in ("tests", "kernels", "engine", "decode"):
+    for name in ("tests", "kernels", "engine", "decode", "distributed"):
         assert _load(out, name)["device"] == "cpu (dry run)"
+    dist = _load(out, "distributed")["records"]  # gloo on the CPU; NCCL on the GPU, same script
+    assert dist["backend"] == "gloo" and dist["identical"] and dist["logits_equal"] and summary["distributed_identical"]
 
 
 def test_kernel_records_carry_what_the_gpu_tables_need(dry_run):
