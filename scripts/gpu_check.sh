@@ -5,7 +5,7 @@
 # NCCL with one rank. One JSON file per part and a
 # summary under OUT_DIR; a part that fails or runs out of time is recorded as such and the next one still runs.
 # Uses the python already installed there (torch + triton), hf_babai from this checkout; nothing is downloaded.
-#   scripts/gpu_check.sh [OUT_DIR]              on a CUDA machine, about 6 minutes, at most 8
+#   scripts/gpu_check.sh [OUT_DIR]              on a CUDA machine, about 6 minutes, at most 9
 #                                               (default OUT_DIR: $OUT if set, else bench/results/gpu_check)
 #   scripts/gpu_check.sh --dry-run OUT_DIR      on CPU: the same steps on tiny sizes in Triton's interpreter, so
 #                                               the script cannot rot (tests/test_gpu_check.py runs it)
