@@ -266,7 +266,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from hf_babai.engine import LAYER_TABLE_HEADER, weight_report
     from hf_babai.formats import get_format
     from hf_babai.hf.files import check_destination, staged_folder
-    from hf_babai.hf.streamed import parse_size
+    from hf_babai.hf.streamed import DEFAULT_SHARD, parse_size
 
     src = args.model
     _check_model(src)
@@ -278,8 +278,9 @@ def _quantize(args: argparse.Namespace) -> int:
         others = {"--out": out, **sources, **{f"the {t} export": f for f, t in exports[:i]}}
         check_destination(folder, overwrite=args.overwrite, sources=others)
     memory = _max_memory(args.max_memory)
+    shard = DEFAULT_SHARD if args.max_shard_size is None else args.max_shard_size
     try:
-        parse_size(args.max_shard_size)
+        parse_size(shard)
     except ValueError as e:
         raise CliError(str(e).replace("max_shard_size=", "--max-shard-size ")) from None
     if args.nproc is not None and args.nproc < 1:
@@ -333,7 +334,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if not main_rank:  # every rank holds the same quantized model; rank 0 writes it
         return 0
     with staged_folder(out) as tmp:  # nothing at --out until every file is written
-        hf_babai.save_streamed(model, tmp, max_shard_size=args.max_shard_size)  # blocks copied from run_dir
+        hf_babai.save_streamed(model, tmp, max_shard_size=shard)  # the quantized blocks are copied from run_dir
         tok.save_pretrained(tmp)
         hf_babai.write_quant_log(model, tmp / "quant_log.csv")
     try:
@@ -630,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-memory", nargs="*", default=None, help="e.g. cpu=2GiB 0=20GiB")
     q.add_argument(
         "--max-shard-size",
-        default="50GB",
+        default=None,
         help="largest checkpoint file, e.g. 5GB (default: transformers' 50GB); the quantized blocks are copied "
         "into the shards from the run folder, so the size does not change the memory the save needs",
     )

@@ -96,12 +96,13 @@ class BlockStore:
         _write_json(self.folder / RUN_FILE, {"identity": self.identity, "finished": self.finished})
 
     def _path(self, b: int, suffix: str) -> Path:
-        return self.folder / "blocks" / f"block-{b:05d}.{suffix}"
+        return self.block_file(self.folder, b, suffix)
 
     @staticmethod
-    def block_file(folder: str | Path, b: int) -> Path:
-        """The packed tensors of block ``b`` in the run folder ``folder`` (names relative to the block)."""
-        return Path(folder) / "blocks" / f"block-{b:05d}.safetensors"
+    def block_file(folder: str | Path, b: int, suffix: str = "safetensors") -> Path:
+        """Block ``b``'s file in the run folder ``folder``: its packed tensors (names relative to the block), or
+        with ``suffix="json"`` its sizes and records."""
+        return Path(folder) / "blocks" / f"block-{b:05d}.{suffix}"
 
     def save(self, b: int, block: nn.Module, records: list[LayerRecord]) -> None:
         """Writes block ``b`` (already quantized) and its records, then counts it as finished."""
@@ -139,9 +140,8 @@ class BlockStore:
             w = lin.weight
             mod = fmt.empty(*linear_dims(lin), spec, meta["sizes"][name] or None, bias=lin.bias is not None,
                             dtype=w.dtype, device=w.device)  # fmt: skip
-            mod.load_state_dict(_own(tensors, name), strict=True)
-            replace_module(block, name, mod.to(w.device))
-        self.map_into(b, block)
+            mod.load_state_dict(_own(tensors, name), strict=True, assign=True)  # the file's mapped tensors
+            replace_module(block, name, mod.to(w.device))  # on the CPU they stay mapped, as map_into leaves them
         return [LayerRecord(**r) for r in meta["records"]]
 
     def map_into(self, b: int, block: nn.Module) -> None:
