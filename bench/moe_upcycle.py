@@ -25,7 +25,7 @@ from pathlib import Path
 def upcycle(dense_dir: Path, out: Path, experts: int, sigma: float, seed: int = 0) -> None:
     """Writes the upcycled Mixtral checkpoint of the Llama-architecture model in ``dense_dir`` to ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     c = dense.config
@@ -74,6 +74,7 @@ def upcycle(dense_dir: Path, out: Path, experts: int, sigma: float, seed: int = 
         raise SystemExit(f"upcycling left tensors unset: missing {missing[:5]}, unexpected {unexpected[:5]}")
     moe.tie_weights()
     moe.save_pretrained(out)
+    AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out)  # the peer's oneshot loads one from the folder
 
 
 def run(args: argparse.Namespace, model_dir: Path, calib, evalw, method: str, bits: int, mode: str) -> dict:
@@ -105,6 +106,37 @@ def run(args: argparse.Namespace, model_dir: Path, calib, evalw, method: str, bi
     return rec
 
 
+def run_peer(args: argparse.Namespace, model_dir: Path, calib, evalw, bits: int) -> dict:
+    """llm-compressor's GPTQ on the same upcycled folder and windows, in its own environment (``.venv-peer``):
+    its best configuration here (MSE scale observer, static activation order), routers float as in hf_babai."""
+    import subprocess
+    import sys
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    peer_py = root / ".venv-peer" / "bin" / "python"
+    if not peer_py.is_file():
+        raise SystemExit(f"{peer_py} is missing: run scripts/setup_peer.sh first (or leave llm-compressor out)")
+    with tempfile.TemporaryDirectory(prefix="hf_babai_moe_peer_") as tmp:
+        torch.save(calib, f"{tmp}/calib.pt")
+        torch.save(evalw, f"{tmp}/eval.pt")
+        cmd = [str(peer_py), str(root / "bench" / "peer_llmcompressor.py"), "--model", str(model_dir)]
+        cmd += ["--calib", f"{tmp}/calib.pt", "--eval", f"{tmp}/eval.pt", "--bits", str(bits)]
+        cmd += ["--group-size", str(args.group_size), "--actorder", "static", "--observer", "mse"]
+        cmd += ["--out", f"{tmp}/peer.json"]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        peer = json.loads(Path(f"{tmp}/peer.json").read_text())
+    rec = {"model": f"smollm2-135m-upcycled-{args.experts}x", "tool": "llm-compressor", "method": "gptq"}
+    rec.update(bits=bits, group_size=args.group_size, sigma=args.sigma, n_calib=int(calib.shape[0]))
+    rec.update(calib_seqlen=int(calib.shape[1]), seqlen=int(evalw.shape[1]), windows=int(evalw.shape[0]))
+    details = peer["details"]
+    rec.update(tool_version=peer["tool_version"], actorder=peer["actorder"], observer=details["observer_preset"])
+    rec.update(seconds=round(peer["seconds"], 1), bits_per_weight=peer["bpw"])
+    rec.update(quantized_layers=details["quantized_layers"], ppl=peer["ppl"], peak_rss_gb=round(peer["peak_rss_gb"], 2))
+    return rec
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="a Llama-architecture offline model to upcycle")
@@ -116,6 +148,13 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fp", "rtn", "babai-routed", "babai-all"],
+        choices=["fp", "rtn", "babai-routed", "babai-all", "llm-compressor"],
+        help="configurations to run (llm-compressor needs scripts/setup_peer.sh)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -134,20 +173,26 @@ def main() -> None:
     from hf_babai.perplexity import perplexity
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
-    rec = {"model": args.model, "method": "fp (dense original)", "bits": 16, "ppl": perplexity(dense, evalw)}
-    print(json.dumps(rec), flush=True)
-    if args.out is not None:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    if "fp" in args.methods:
+        rec = {"model": args.model, "method": "fp (dense original)", "bits": 16, "ppl": perplexity(dense, evalw)}
+        print(json.dumps(rec), flush=True)
+        if args.out is not None:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
     del dense
     with tempfile.TemporaryDirectory(prefix="hf_babai_moe_") as tmp:
         moe_dir = Path(tmp) / "moe"
         upcycle(Path(dense_dir), moe_dir, args.experts, args.sigma)
-        jobs = [("fp", 16, "routed")]
+        jobs = [("fp", 16, "routed")] if "fp" in args.methods else []
         for bits in args.bits:
-            jobs += [("rtn", bits, "routed"), ("babai", bits, "routed"), ("babai", bits, "all")]
+            every = [("rtn", bits, "routed"), ("babai", bits, "routed"), ("babai", bits, "all"), ("peer", bits, "")]
+            names = ["rtn", "babai-routed", "babai-all", "llm-compressor"]
+            jobs += [job for job, name in zip(every, names, strict=True) if name in args.methods]
         for method, bits, mode in jobs:
-            rec = run(args, moe_dir, calib, evalw, method, bits, mode)
+            if method == "peer":
+                rec = run_peer(args, moe_dir, calib, evalw, bits)
+            else:
+                rec = run(args, moe_dir, calib, evalw, method, bits, mode)
             print(json.dumps(rec), flush=True)
             if args.out is not None:
                 with open(args.out, "a") as f:

@@ -9,7 +9,8 @@ This file must not import hf_babai: llm-compressor pins an older transformers th
 
 What it does:
 
-* loads ``--model`` in float32 on CPU;
+* loads ``--model`` in float32 on CPU; an MoE's fused 3-D experts are unfused by llm-compressor's own
+  ``linearize_moe`` (one Linear per expert matrix) and its routers (``mlp.gate``) are left float;
 * runs ``llmcompressor.oneshot`` with one ``GPTQModifier`` (targets ``Linear``, ignore ``lm_head``) whose
   scheme is int{bits} weights only (no activation quantization), group or per-channel strategy, symmetric
   or not, static scales from an MSE-shrink observer; the calibration windows go in as an already
@@ -123,7 +124,8 @@ def build_scheme(args: argparse.Namespace) -> Any:
 
 
 def make_modifier(args: argparse.Namespace) -> tuple[Any, str]:
-    """A ``GPTQModifier`` for every Linear but ``lm_head``; returns it and the actorder it resolved to."""
+    """A ``GPTQModifier`` for every Linear but ``lm_head`` and MoE routers; returns it and the actorder it
+    resolved to."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     if args.actorder == "group":
@@ -132,7 +134,7 @@ def make_modifier(args: argparse.Namespace) -> tuple[Any, str]:
         raise SystemExit("llm-compressor >= 0.14 removed actorder='group' (g_idx); use static/weight or none")
     kwargs: dict[str, Any] = {
         "config_groups": {"group_0": build_scheme(args)},
-        "ignore": ["lm_head"],
+        "ignore": ["lm_head", "re:.*mlp.gate$"],  # MoE routers stay float, as in hf_babai by default
         "dampening_frac": args.dampening_frac,
         "block_size": args.block_size,
     }
@@ -267,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map=None)
     model.to("cpu")
+    if any(p.dim() == 3 for p in model.parameters()):
+        # transformers 5's fused 3-D experts: llm-compressor's own unfusing into one Linear per expert matrix
+        # (what its load_quantizable_moe does after loading a 3-D checkpoint), so that GPTQ reaches the experts
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
     check_group_divisibility(model, args.group_size)
     if model.config.vocab_size <= int(max(calib.max(), evalw.max())):
         raise SystemExit("token ids exceed the model's vocabulary")

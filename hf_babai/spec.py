@@ -150,6 +150,9 @@ class QuantSpec:
         valid=lambda v: v is None or (isinstance(v, (list, tuple)) and all(isinstance(m, str) for m in v)),
         cli="--skip",
     )
+    quantize_router: bool = _setting(
+        False, "MoE: quantize the routers too (default: kept float, small and sensitive; docs/moe.md)"
+    )
     expert_calibration: str = _setting(
         "routed",
         "MoE experts: Hessians from the tokens the router sends each expert, or from all tokens (docs/moe.md)",

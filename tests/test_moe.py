@@ -213,6 +213,65 @@ def test_routers_stay_float_and_are_named_so(moe_round_trip):
     assert not [n for n, k in kinds.items() if k == "unknown"]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_router_solves_every_router_and_reloads_exactly(arch, tmp_path):
+    """With ``quantize_router`` every router is solved as a Linear (through the child ``linear`` that holds its
+    weight), its forward then reads the quantized weight, no router is left float, and the checkpoint reloads
+    into the same structure with identical logits."""
+    from hf_babai.formats import format_of
+
+    float_model = _model(arch)
+    routers = [w.name.rsplit(".", 1)[0] for w in weight_kinds(float_model, ("lm_head",)) if w.kind == "router"]
+    assert routers
+    float_model.save_pretrained(tmp_path / "float")
+    cfg = BabaiConfig(bits=4, group_size=16, dataset=IDS, quantize_router=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg, dtype=torch.float32)
+    assert not [w.name for w in weight_kinds(model, ("lm_head",)) if w.kind == "router"]
+    for name in routers:
+        router = model.get_submodule(name)
+        fmt = format_of(router.linear)
+        assert fmt is not None, f"{name} was not quantized"
+        assert torch.equal(router.weight, fmt.dequantize(router.linear, torch.float32))
+        assert not torch.equal(router.weight, float_model.get_submodule(name).weight)  # on the grid now
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(again), _logits(model))
+    with pytest.raises(ValueError, match=r"quantized MoE router .*without quantize_router"):
+        hf_babai_export(model, tmp_path / "ct")
+
+
+def hf_babai_export(model, out):
+    import hf_babai
+
+    hf_babai.export(model, out, "compressed-tensors", dtype=torch.float32)
+
+
+def test_a_quantized_router_sees_every_token(tmp_path):
+    model = _model("mixtral")
+    log = _token_log(model, {"quantize_router": True}, tmp_path)
+    for b in range(model.config.num_hidden_layers):
+        assert log[f"{b}.mlp.gate.linear"] == IDS.numel()  # the router's input is every token of the block
+
+
+@pytest.mark.parametrize(
+    ("arch", "router"), [("qwen2_moe", "layers.0.mlp.shared_expert_gate"), ("afmoe", "layers.1.mlp.router.gate")]
+)
+def test_routers_that_are_linears_stay_float_unless_asked(arch, router):
+    """Plain ``nn.Linear`` routers (a shared expert's scalar gate, AfMoE's ``router.gate``) are routers too: float
+    by default, named so, and quantized only with ``quantize_router``."""
+    from hf_babai.formats import format_of
+    from hf_babai.spec import QuantSpec
+
+    name = f"model.{router}"
+    model = _model(arch)
+    quantize_model(model, QuantSpec(bits=4, group_size=16), IDS, progress=False)
+    assert type(model.get_submodule(name)) is torch.nn.Linear
+    assert {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}[f"{name}.weight"] == "router"
+    model = _model(arch)
+    quantize_model(model, QuantSpec(bits=4, group_size=16, quantize_router=True), IDS, progress=False)
+    assert format_of(model.get_submodule(name)) is not None
+
+
 def test_float_share_counts_what_stays_float(moe_round_trip):
     from hf_babai.engine import float_share
 

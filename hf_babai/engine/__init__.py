@@ -39,6 +39,7 @@ from .hessians import BlockHessians, capture_hessians
 from .policy import QuantizationError, layer_damping, solve_layer, uses_one_pass
 from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
 from .resume import BlockStore, run_identity
+from .routers import expose_routers, router_linears
 from .schedules import BlockJob, OnePass, RoundToNearest, Schedule, TwoPass, run_schedule, schedule_for
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "capture_hessians",
     "check_float_weights",
     "execution_device",
+    "expose_routers",
     "find_blocks",
     "float_share",
     "layer_damping",
@@ -68,6 +70,7 @@ __all__ = [
     "quantizable_linears",
     "quantize_model",
     "replace_module",
+    "router_linears",
     "run_identity",
     "solve_layer",
     "target_linears",
@@ -87,7 +90,11 @@ def warn_narrow_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
     change of grid is never silent; returns their names."""
     if spec.group_size == -1:
         return []
-    narrow = [n for n, lin in quantizable_linears(model, spec.skip).items() if linear_dims(lin)[0] < spec.group_size]
+    narrow = [
+        n
+        for n, lin in quantizable_linears(model, spec.skip, spec.quantize_router).items()
+        if linear_dims(lin)[0] < spec.group_size
+    ]
     if narrow:
         shown = ", ".join(narrow[:5]) + (f" and {len(narrow) - 5} more" if len(narrow) > 5 else "")
         log.warning(
@@ -177,6 +184,8 @@ def quantize_model(
         onload_block(block)
         linearize_conv1d(block)
         unfuse_experts(block)
+        if spec.quantize_router:
+            expose_routers(block)
         if store is not None and b < store.finished:  # done by the interrupted run: rebuilt, then run for the
             loaded = store.load(b, block, spec, f"{blocks_name}.{b}")  # next block's inputs, as it did
             records += loaded
@@ -187,7 +196,7 @@ def quantize_model(
             release_freed_memory()
             continue
         set_expert_calibration(block, spec.expert_calibration)
-        linears = target_linears(block, spec.skip, f"{blocks_name}.{b}")
+        linears = target_linears(block, spec.skip, f"{blocks_name}.{b}", spec.quantize_router)
         try:
             outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks, ranks))
         except (ValueError, torch.linalg.LinAlgError) as e:  # the layer's full name, whoever raised

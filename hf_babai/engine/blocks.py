@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import format_of
+from .routers import router_linears
 
 # nn.Linear subclasses whose forward is still x @ Wᵀ + b (written out by hand), so a quantized module may replace
 # them. Any other subclass that overrides forward computes something else around its weight (Llama 4's and
@@ -122,26 +123,30 @@ def _largest_block_list(model: nn.Module, root: str) -> tuple[str, nn.ModuleList
     return None if best is None else (best[1], best[2])
 
 
-def target_linears(block: nn.Module, skip: tuple[str, ...], prefix: str = "") -> dict[str, nn.Linear]:
+def target_linears(
+    block: nn.Module, skip: tuple[str, ...], prefix: str = "", routers: bool = False
+) -> dict[str, nn.Linear]:
     """Linears (and GPT-2-style Conv1Ds, see :func:`is_quantizable`) of a block to quantize, in module order
-    (block-relative names), minus those whose full name ``prefix + "." + name`` contains any ``skip`` substring."""
+    (block-relative names), minus those whose full name ``prefix + "." + name`` contains any ``skip`` substring
+    and, unless ``routers`` (``QuantSpec.quantize_router``), the MoE routers' Linears (:mod:`.routers`)."""
+    float_routers = set() if routers else router_linears(block)
     out = {}
     for n, m in block.named_modules():
         full = f"{prefix}.{n}" if prefix else n
-        if is_quantizable(m) and format_of(m) is None and not any(s in full for s in skip):
+        if is_quantizable(m) and format_of(m) is None and not any(s in full for s in skip) and n not in float_routers:
             out[n] = m
     return out
 
 
-def quantizable_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...], routers: bool = False) -> dict[str, nn.Linear]:
     """Every Linear the engine quantizes, by full module name: the Linears inside the decoder blocks minus the
-    ``skip`` substrings. Quantize-on-load and pre-quantized loading both use this one rule, so a checkpoint's
-    packed modules are exactly the ones its loader rebuilds."""
+    ``skip`` substrings (and the routers' unless ``routers``). Quantize-on-load and pre-quantized loading both use
+    this one rule, so a checkpoint's packed modules are exactly the ones its loader rebuilds."""
     name, blocks = find_blocks(model)
     return {
         f"{name}.{i}.{n}": lin
         for i, block in enumerate(blocks)
-        for n, lin in target_linears(block, skip, f"{name}.{i}").items()
+        for n, lin in target_linears(block, skip, f"{name}.{i}", routers).items()
     }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .blocks import _language_model, find_blocks, is_quantizable
 from .experts import UnfusedExperts, is_fused_experts
+from .routers import is_router, router_linears
 
 QUANTIZED = "quantized"
 UNKNOWN = "unknown"
@@ -32,12 +33,6 @@ class FloatWeight:
     kind: str
 
 
-def _router(name: str, module: nn.Module) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    cls = type(module).__name__.lower()
-    return "router" in cls or leaf in ("gate", "router") or cls.endswith("gate") or "topk" in cls
-
-
 def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
     """Every ≥2-D floating-point parameter of ``model`` with its kind (``quantized`` for those the engine will
     quantize or has replaced: Linears of the decoder blocks, fused MoE experts)."""
@@ -47,6 +42,7 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
     root = _language_model(model)
     embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    routers = router_linears(model)
     out: list[FloatWeight] = []
     for name, mod in model.named_modules():
         own = [(p, t) for p, t in mod.named_parameters(recurse=False) if t.dim() >= 2 and t.dtype.is_floating_point]
@@ -61,6 +57,8 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = "lm_head"  # the output head and any layer of it (an MLM-style head's dense), always float
             elif any(s in full for s in skip):
                 kind = "modules_to_not_convert"
+            elif in_blocks and name in routers:
+                kind = "router"  # a router Linear: float unless quantize_router (then a quantized module, not listed)
             elif sum(d > 1 for d in t.shape) <= 1:
                 kind = "vector"  # a [1, 1, H] mixing or scaling vector stored with extra dims (RWKV)
             elif root and not name.startswith(root + "."):
@@ -69,7 +67,7 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = QUANTIZED
             elif "norm" in type(mod).__name__.lower() or "norm" in pname:
                 kind = "norm"
-            elif in_blocks and _router(name, mod):
+            elif in_blocks and is_router(name, mod):
                 kind = "router"
             elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or "conv" in type(mod).__name__.lower():
                 kind = "convolution"

@@ -130,7 +130,7 @@ class BlockStore:
         meta = json.loads(self._path(b, "json").read_text())
         tensors = load_file(str(self._path(b, "safetensors")))
         fmt = get_format(spec.format)
-        linears = target_linears(block, spec.skip, prefix)
+        linears = target_linears(block, spec.skip, prefix, spec.quantize_router)
         if set(linears) != set(meta["sizes"]):
             raise ValueError(
                 f"{self._path(b, 'json')} stores other layers than block {b} of this model has; remove the run folder "

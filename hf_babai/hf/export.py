@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..engine import router_linears
 from ..formats import quantized_modules
 from ..formats.compressed_tensors import stored_group_size
 from .serving import default_path_serves, describe_checkpoint, format_report, servability
@@ -102,6 +103,13 @@ def export(
         if format not in fmt.exports:
             raise ValueError(f"format={fmt.name!r} models cannot be exported to {format!r}: {fmt.no_export}")
     mods = {n: m for n, m, _ in found}
+    routers = sorted(set(mods) & router_linears(model))
+    if routers:
+        raise ValueError(
+            f"{routers[0]} is a quantized MoE router ({len(routers)} in all); serving engines load routers in float, "
+            f"so a {format} checkpoint cannot hold them: quantize again without quantize_router (CLI: drop "
+            "--quantize-router) to export"
+        )
     kinds = {(m.bits, m.group_size, m.sym) for m in mods.values()}
     if len(kinds) != 1:
         raise ValueError(f"{format} checkpoints have one bits/group_size/sym for all layers; this model mixes {kinds}")

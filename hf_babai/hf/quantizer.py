@@ -30,6 +30,7 @@ from transformers.quantizers import HfQuantizer
 from ..engine import (
     BlockStore,
     Ranks,
+    expose_routers,
     find_blocks,
     linear_dims,
     quantizable_linears,
@@ -67,7 +68,9 @@ def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[s
     spec = cfg.spec()
     fmt = get_format(spec.format)
     unfuse_experts(model)  # MoE experts were quantized one Linear per expert matrix: rebuild that structure
-    linears = quantizable_linears(model, spec.skip)
+    if spec.quantize_router:
+        expose_routers(model)  # and so were the routers, each through a child Linear
+    linears = quantizable_linears(model, spec.skip, spec.quantize_router)
     if fmt.sized_by_data:
         missing = sorted(set(linears) - set(cfg.layers or {}))
         if missing:
