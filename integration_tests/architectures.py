@@ -90,23 +90,76 @@ PROFILES: tuple[dict[str, Any], ...] = (
     },
 )
 VOCAB = 512
+# Inkling's attention widths (its defaults make 8192-wide projections)
+_INKLING = {
+    "head_dim": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "sliding_window_size": 16,
+}
+_INKLING2 = {**_INKLING, "unpadded_vocab_size": 512}
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # 16-wide heads' halves
+_NEMOTRON_H = {"head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1}
 # Fields a family's config derives from its full size, or validates against its layer count, that the generic
 # shrinking cannot know: set for that architecture on top of every profile.
 FAMILY: dict[str, dict[str, Any]] = {
+    "blt": {
+        "encoder_hash_byte_group_vocab": 512,
+        "encoder_config": {"hidden_size_global": 64},
+        "decoder_config": {"hidden_size_global": 64},
+    },
     "ctrl": {"dff": 128},
     "dbrx": {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
     },
     "deepseek_v4": {"head_dim": 32, "o_lora_rank": 32, "index_topk": 8},
+    "ernie4_5_moe": {"moe_k": 2},
+    "gemma4": {
+        "text_config": {
+            "head_dim": 16,
+            "hidden_size_per_layer_input": 16,
+            "global_head_dim": 16,
+            "vocab_size_per_layer_input": 512,
+        }
+    },
     "gemma4_text": {"head_dim": 16, "hidden_size_per_layer_input": 16, "global_head_dim": 16},
+    **{glm: {"text_config": {"rope_parameters": _MROPE}} for glm in ("glm4v", "glm46v", "glm_ocr", "glmga")},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "granite_docling": {"vision_config": {"out_hidden_size": 64}},
     "hunyuan_v1_dense": {"head_dim": 16},
     "hunyuan_v1_moe": {"head_dim": 16},
+    "inkling_mm_model": {"text_config": _INKLING},
+    "inkling_text": _INKLING,
+    "inkling2": {"vision_config": {"text_hidden_size": 64}, "text_config": _INKLING2},
+    "inkling2_loop": {"vision_config": {"text_hidden_size": 64}, "text_config": _INKLING2},
+    "inkling2_loop_text": _INKLING2,
+    "inkling2_text": _INKLING2,
+    "janus": {
+        "vision_config": {"projection_dim": 64},
+        "vq_config": {
+            "projection_dim": 64,
+            "image_token_embed_dim": 64,
+            "num_embeddings": 512,
+            "base_channels": 32,
+            "latent_channels": 32,
+            "channel_multiplier": [1, 2],
+        },
+    },
+    "kimi_linear": {"num_experts_per_token": 2, "linear_head_dim": 16},
     "kolibri1_1": {"index_num_heads": 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "llava_onevision1_5": {"vision_config": {"out_hidden_size": 64}},
     "mamba2": {"head_dim": 32, "n_groups": 1},
     "ministral": {"head_dim": 16},
+    "muse_spark": {
+        "audio_config": {"patch_sizes": [16, 6], "hidden_sizes": [32, 64], "depths": [1, 1], "out_hidden_size": 64}
+    },
+    "nemotron_h": _NEMOTRON_H,
+    "nemotron_h_omni": {"vision_config": {"video_temporal_patch_size": 2}, "text_config": _NEMOTRON_H},
     "xlm": {"emb_dim": 64},
+    "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "hybrid", "hybrid"]},
     "zamba2": {"layer_types": ["mamba", "hybrid"], "hybrid_layer_ids": [1]},
     "zaya": {"num_experts_per_tok": 1},
 }
