@@ -68,8 +68,9 @@ def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[s
     spec = cfg.spec()
     fmt = get_format(spec.format)
     unfuse_experts(model)  # MoE experts were quantized one Linear per expert matrix: rebuild that structure
-    if spec.quantize_router:
-        expose_routers(model)  # and so were the routers, each through a child Linear
+    if spec.quantize_router:  # and so were the routers of the decoder blocks, each through a child Linear
+        for block in find_blocks(model)[1]:
+            expose_routers(block)
     linears = quantizable_linears(model, spec.skip, spec.quantize_router)
     if fmt.sized_by_data:
         missing = sorted(set(linears) - set(cfg.layers or {}))
