@@ -274,6 +274,36 @@ def test_routers_that_are_linears_stay_float_unless_asked(arch, router):
     assert format_of(model.get_submodule(name)) is not None
 
 
+def test_only_routers_of_experts_count_as_routers():
+    """A gate is a router only beside experts or by a router class: a linear-attention layer's ``forget_gate``
+    and a gated MLP's Linears are quantized like any other."""
+    from torch import nn
+
+    from hf_babai.engine import router_linears
+
+    class ForgetGate(nn.Module):  # Kimi-Linear's and Bailing's shape: a "*Gate" holding Linears
+        def __init__(self):
+            super().__init__()
+            self.f_proj = nn.Linear(8, 8)
+
+    class GatingMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class TopKRouter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 4)
+
+    moe = nn.Module()
+    moe.experts, moe.gate, moe.shared_expert_gate = nn.ModuleList(), nn.Linear(8, 4), nn.Linear(8, 1)
+    block = nn.Module()
+    block.attn, block.mlp, block.moe, block.router = nn.Module(), GatingMLP(), moe, TopKRouter()
+    block.attn.forget_gate, block.attn.gate = ForgetGate(), nn.Linear(8, 8)
+    assert router_linears(block) == {"moe.gate", "moe.shared_expert_gate", "router.layer"}
+
+
 def test_float_share_counts_what_stays_float(moe_round_trip):
     from hf_babai.engine import float_share
 

@@ -24,27 +24,47 @@ SHARED_EXPERT_GATES = frozenset({"shared_expert_gate"})
 
 
 def is_router(name: str, module: nn.Module) -> bool:
-    """Whether ``module`` (full name ``name``) is a router, by name or class: ``mlp.gate``, ``mlp.router``,
-    ``*Router``, ``*TopKGating``, ``*Gate`` classes."""
+    """Whether a module holding weights of its own (full name ``name``) looks like a router, by name or class:
+    ``mlp.gate``, ``mlp.router``, ``*Router``, ``*TopKGating``, ``*Gate`` classes. Broad on purpose: it only
+    names weights that are nothing else (the float-weight report); what the engine leaves out or quantizes as a
+    router is decided by the stricter :func:`router_modules`."""
     leaf = name.rsplit(".", 1)[-1]
     cls = type(module).__name__.lower()
     return "router" in cls or leaf in ROUTER_LEAVES or cls.endswith("gate") or "topk" in cls
 
 
-def router_linears(root: nn.Module) -> set[str]:
-    """Names (relative to ``root``) of the ``nn.Linear`` modules that route tokens: a Linear held by a router module
-    (including the one :func:`expose_routers` creates), a Linear named ``gate``/``router`` beside an ``experts``
-    module, and a shared expert's scalar gate."""
-    out: set[str] = set()
-    for name, mod in root.named_modules():
-        router_owner = bool(name) and not isinstance(mod, nn.Linear) and is_router(name, mod)
-        for leaf, child in mod.named_children():
-            if not isinstance(child, nn.Linear) and not hasattr(child, "in_features"):
-                continue
-            beside_experts = leaf in ROUTER_LEAVES and hasattr(mod, "experts")
-            if router_owner or beside_experts or leaf in SHARED_EXPERT_GATES:
-                out.add(f"{name}.{leaf}" if name else leaf)
+def router_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The modules under ``root`` that route tokens to experts, by name: a ``*Router`` or ``*TopK*``
+    class, or a module named ``gate``/``router`` beside an ``experts`` module (a gate of a linear-attention layer
+    is not one)."""
+    out: dict[str, nn.Module] = {}
+    for pname, parent in root.named_modules():
+        for leaf, mod in parent.named_children():
+            cls = type(mod).__name__.lower()
+            named = "router" in cls or "topk" in cls
+            if named or (leaf in ROUTER_LEAVES and hasattr(parent, "experts")):
+                out[f"{pname}.{leaf}" if pname else leaf] = mod
     return out
+
+
+def router_linears(root: nn.Module) -> set[str]:
+    """Names (relative to ``root``) of the Linears that route tokens: a router that is a Linear, a Linear held by a
+    router module (including the one :func:`expose_routers` creates), and a shared expert's scalar gate
+    (``shared_expert_gate``). Quantized modules standing where such a Linear stood are named too."""
+    out: set[str] = set()
+    for name, mod in router_modules(root).items():
+        if _linear_like(mod):
+            out.add(name)
+        else:
+            out |= {f"{name}.{n}" for n, child in mod.named_modules() if n and _linear_like(child)}
+    for name, mod in root.named_modules():
+        if name.rsplit(".", 1)[-1] in SHARED_EXPERT_GATES and _linear_like(mod):
+            out.add(name)
+    return out
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or hasattr(module, "in_features")
 
 
 class _WeightInLinear:
@@ -81,8 +101,8 @@ def expose_routers(root: nn.Module) -> list[str]:
     ``nn.Linear`` named ``linear`` (the same tensor, meta included); its other tensors (a bias, score
     corrections) stay where they were. Returns the routers' names. Idempotent."""
     done = []
-    for name, mod in list(root.named_modules()):
-        if not name or isinstance(mod, (nn.Linear, _WeightInLinear)) or not is_router(name, mod):
+    for name, mod in router_modules(root).items():
+        if isinstance(mod, (nn.Linear, _WeightInLinear)):
             continue
         w = mod._parameters.get("weight")
         if w is None or w.dim() != 2 or not w.dtype.is_floating_point or "linear" in mod._modules:
