@@ -54,7 +54,7 @@ TINY: dict[str, Any] = {
     **dict.fromkeys(("vocab_size",), 512),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"), 256),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "top_k_experts"), 2),
     **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size"), 32),
     "n_shared_experts": 1,
     "n_group": 1,
@@ -99,6 +99,7 @@ _INKLING = {
     "sliding_window_size": 16,
 }
 _INKLING2 = {**_INKLING, "unpadded_vocab_size": 512}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # 16-wide heads' halves
 _NEMOTRON_H = {"head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1}
 # Fields a family's config derives from its full size, or validates against its layer count, that the generic
@@ -108,6 +109,14 @@ FAMILY: dict[str, dict[str, Any]] = {
         "encoder_hash_byte_group_vocab": 512,
         "encoder_config": {"hidden_size_global": 64},
         "decoder_config": {"hidden_size_global": 64},
+    },
+    "chameleon": {"vocabulary_map": {"<image>": 8}},
+    **{
+        cc: {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0} for t in _LAYER_TYPES}}
+        for cc in ("cohere_compass_text",)
+    },
+    "cohere_compass": {
+        "text_config": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0} for t in _LAYER_TYPES}}
     },
     "ctrl": {"dff": 128},
     "dbrx": {
@@ -127,9 +136,15 @@ FAMILY: dict[str, dict[str, Any]] = {
     "gemma4_text": {"head_dim": 16, "hidden_size_per_layer_input": 16, "global_head_dim": 16},
     **{glm: {"text_config": {"rope_parameters": _MROPE}} for glm in ("glm4v", "glm46v", "glm_ocr", "glmga")},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "granite4_vision": {
+        "deepstack_layer_map": [[0, 0], [1, 1]],
+        "spatial_target_layers": [0, 1, 0, 1],
+        "downsample_rate": "1/2",
+    },
     "granite_docling": {"vision_config": {"out_hidden_size": 64}},
     "hunyuan_v1_dense": {"head_dim": 16},
     "hunyuan_v1_moe": {"head_dim": 16},
+    "hunyuan_vl": {"text_config": {"head_dim": 16, "rope_parameters": {**_MROPE, "mrope_section": [2, 2, 2, 2]}}},
     "inkling_mm_model": {"text_config": _INKLING},
     "inkling_text": _INKLING,
     "inkling2": {"vision_config": {"text_hidden_size": 64}, "text_config": _INKLING2},

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import hf_babai
 from hf_babai import BabaiConfig, CheckpointError
 from hf_babai.engine import UnfusedExperts, quantize_model, unfuse_experts, weight_kinds
 from hf_babai.engine.coverage import QUANTIZED
@@ -239,13 +240,7 @@ def test_quantize_router_solves_every_router_and_reloads_exactly(arch, tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(_logits(again), _logits(model))
     with pytest.raises(ValueError, match=r"quantized MoE router .*without quantize_router"):
-        hf_babai_export(model, tmp_path / "ct")
-
-
-def hf_babai_export(model, out):
-    import hf_babai
-
-    hf_babai.export(model, out, "compressed-tensors", dtype=torch.float32)
+        hf_babai.export(model, tmp_path / "ct", "compressed-tensors", dtype=torch.float32)
 
 
 def test_a_quantized_router_sees_every_token(tmp_path):

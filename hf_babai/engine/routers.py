@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..formats import format_of
+
 ROUTER_LEAVES = frozenset({"gate", "router"})
 SHARED_EXPERT_GATES = frozenset({"shared_expert_gate"})
 
@@ -64,7 +66,8 @@ def router_linears(root: nn.Module) -> set[str]:
 
 
 def _linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or hasattr(module, "in_features")
+    """A Linear, or the quantized module standing where one stood (the registered formats say which)."""
+    return isinstance(module, nn.Linear) or format_of(module) is not None
 
 
 class _WeightInLinear:
