@@ -105,6 +105,20 @@ _NEMOTRON_H = {"head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_gr
 # Fields a family's config derives from its full size, or validates against its layer count, that the generic
 # shrinking cannot know: set for that architecture on top of every profile.
 FAMILY: dict[str, dict[str, Any]] = {
+    "apertus1p5": {  # image then audio codebook tokens at the top of the vocabulary
+        "image_token_id": 300,
+        "audio_token_id": 301,
+        "image_token_offset": 400,
+        "audio_token_offset": 432,
+        "vision_config": {
+            "codebook_size": 32,
+            "base_channels": 32,
+            "latent_channels": 32,
+            "channel_multiplier": [1, 2],
+        },
+        "audio_config": {"codebook_dim": 64, "codebook_size": 32},
+    },
+    "bailing_hybrid": {"num_expert_group": 1, "topk_group": 1, "num_experts_per_token": 2},
     "blt": {
         "encoder_hash_byte_group_vocab": 512,
         "encoder_config": {"hidden_size_global": 64},
@@ -123,6 +137,8 @@ FAMILY: dict[str, dict[str, Any]] = {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
     },
+    "dots3_note": {"text_config": {"num_key_value_heads": 4, "per_layer_config": {}}},
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
     "deepseek_v4": {"head_dim": 32, "o_lora_rank": 32, "index_topk": 8},
     "ernie4_5_moe": {"moe_k": 2},
     "gemma4": {
@@ -133,9 +149,22 @@ FAMILY: dict[str, dict[str, Any]] = {
             "vocab_size_per_layer_input": 512,
         }
     },
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
     "gemma4_text": {"head_dim": 16, "hidden_size_per_layer_input": 16, "global_head_dim": 16},
     **{glm: {"text_config": {"rope_parameters": _MROPE}} for glm in ("glm4v", "glm46v", "glm_ocr", "glmga")},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "glm5_next": {  # its DSA layers are NoPE
+        "text_config": {
+            "num_key_value_heads": 4,
+            "qk_rope_head_dim": 0,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "index_head_dim": 16,
+            "linear_head_dim": 16,
+            "linear_num_heads": 4,
+        }
+    },
     "granite4_vision": {
         "deepstack_layer_map": [[0, 0], [1, 1]],
         "spatial_target_layers": [0, 1, 0, 1],
@@ -168,11 +197,20 @@ FAMILY: dict[str, dict[str, Any]] = {
     "llava_onevision1_5": {"vision_config": {"out_hidden_size": 64}},
     "mamba2": {"head_dim": 32, "n_groups": 1},
     "ministral": {"head_dim": 16},
+    "molmo2": {"adapter_config": {"vision_feature_layer": [1, 0]}},
     "muse_spark": {
         "audio_config": {"patch_sizes": [16, 6], "hidden_sizes": [32, 64], "depths": [1, 1], "out_hidden_size": 64}
     },
     "nemotron_h": _NEMOTRON_H,
     "nemotron_h_omni": {"vision_config": {"video_temporal_patch_size": 2}, "text_config": _NEMOTRON_H},
+    "reformer": {  # axial positions: shape product = positions, dims sum = hidden size
+        "is_decoder": True,
+        "attn_layers": ["local", "lsh"],
+        "axial_pos_shape": [16, 16],
+        "axial_pos_embds_dim": [32, 32],
+        "local_attn_chunk_length": 16,
+        "lsh_attn_chunk_length": 16,
+    },
     "xlm": {"emb_dim": 64},
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "hybrid", "hybrid"]},
     "zamba2": {"layer_types": ["mamba", "hybrid"], "hybrid_layer_ids": [1]},
@@ -211,7 +249,10 @@ def tiny_config(arch: str, profile: dict[str, Any] | None = None):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[arch]
-    defaults = cls().to_dict()
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # defaults that do not validate alone (an assistant's fields): the family's fields fix them
+        defaults = cls(**FAMILY.get(arch, {})).to_dict()
     kwargs = _shrink(defaults, profile or {})
     for key in getattr(cls, "sub_configs", {}) or {}:
         sub = defaults.get(key)
@@ -282,7 +323,7 @@ def _tiny_model(arch: str, profile: dict[str, Any], ids: torch.Tensor):
     if params > MAX_PARAMS or widest > MAX_IN_FEATURES:
         raise ValueError(f"{params} parameters, Linears up to {widest} inputs after shrinking")
     torch.manual_seed(0)
-    model = auto.from_config(cfg, dtype=torch.float32)
+    model = auto.from_config(cfg, dtype=torch.float32).eval()  # as from_pretrained returns it
     _logits(model, ids[:2, :16])
     return model
 
@@ -315,7 +356,7 @@ def round_trip(arch: str, seconds: int = 120) -> Outcome:
                 except _Timeout:
                     raise
                 except Exception as exc:
-                    why = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+                    why = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]  # a validator's cause: line 2
             if model is None:
                 return Outcome(arch, "no-tiny-model", "config", why)
             cls = _loader(arch, model)

@@ -19,13 +19,14 @@ from .architectures import EXPECTED, architectures, round_trip, summary
 
 RECORDED = json.loads(EXPECTED.read_text())
 # The default run's sample: a plain decoder and one architecture for each root cause fixed (renamed and split
-# checkpoint keys, GPT-style weight init on reload, Conv1D, positional block arguments, a Linear subclass with its
-# own forward, a vision-language model, a forward that reads a weight directly, a fused q/k/v converter on save,
-# layers of mixed kinds that each get their own arguments, fused MoE experts) and weights of an unknown kind refused
-# by name (a second block list, a relative-position bias table, experts of a layout not recognised).
+# checkpoint keys, GPT-style weight init on reload, Conv1D, positional block arguments, a Linear subclass with its own
+# forward, a vision-language model, a forward that reads a weight directly, a fused q/k/v converter on save, layers of
+# mixed kinds that each get their own arguments, fused MoE experts, position tables that are not nn.Embeddings
+# (CPM-Ant's relative-position bias, Reformer's axial table)) and weights of an unknown kind refused by name (a second
+# block list, experts of a layout not recognised).
 FAST = (
     "llama", "gpt_neox", "exaone", "hrm_text", "gpt_bigcode", "gpt2", "cpmant", "llama4_text", "qwen2_vl", "mamba",
-    "param2moe", "gemma3", "minimax",
+    "param2moe", "gemma3", "minimax", "reformer",
 )  # fmt: skip
 
 

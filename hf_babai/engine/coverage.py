@@ -1,17 +1,18 @@
 """Which weights stay float, and why: nothing is left unquantized without a name.
 
-Every floating-point parameter of two or more dimensions gets a kind. Kinds kept float by design: embeddings and
-the LM head, norms, vectors stored with extra unit dimensions, MoE routers (small and sensitive), convolutions
-(the short depthwise convolutions of state-space and linear-attention layers), state-space parameters
-(``A_log``), everything outside the language model of a vision-language model (its vision tower and projector),
-and what the user listed in ``modules_to_not_convert``. Linears inside the decoder blocks and MoE experts are
-quantized. Any other weight is of an unknown kind: :func:`check_float_weights` refuses the model before any solve,
-naming each one, because quantizing around it would leave most of a model float while reporting low bits (an MoE
-whose experts are not recognised looks quantized until someone looks at its size).
+Every floating-point parameter of two or more dimensions gets a kind. Kinds kept float by design: embeddings
+(position tables too) and the LM head, norms, vectors stored with extra unit dimensions, MoE routers (small and
+sensitive), convolutions (the short depthwise convolutions of state-space and linear-attention layers), state-space
+parameters (``A_log``), everything outside the language model of a vision-language model (its vision tower and
+projector), and what the user listed in ``modules_to_not_convert``. Linears inside the decoder blocks and MoE
+experts are quantized. Any other weight is of an unknown kind: :func:`check_float_weights` refuses the model before
+any solve, naming each one, because quantizing around it would leave most of a model float while reporting low bits
+(an MoE whose experts are not recognised looks quantized until someone looks at its size).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,9 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
     blocks_name, _ = find_blocks(model)
     root = _language_model(model)
     embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in model.modules():  # a position table that is not an nn.Embedding (Reformer's axial one) is one too
+        if re.search(r"position(al)?embedding", type(m).__name__.lower()):
+            embeddings |= {id(sub) for sub in m.modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     routers = router_linears(model)
     out: list[FloatWeight] = []
