@@ -290,8 +290,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def float_leftovers(model) -> list[str]:
     """≥2-D float weights of the language model that are not embeddings, the LM head, norms or MoE routers (the
     engine's own classification, :func:`hf_babai.engine.weight_kinds`): what a ``partial`` outcome leaves float by
-    design (convolutions, state-space parameters). The vision tower of a vision-language model is outside the
-    language model and not listed."""
+    design (convolutions, state-space parameters, embedding-stage projections, hyper-connections). The vision tower
+    of a vision-language model is outside the language model and not listed."""
     from hf_babai.engine import weight_kinds
 
     by_design = {"quantized", "embedding", "lm_head", "norm", "vector", "router", "outside the language model"}

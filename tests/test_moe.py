@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_babai
@@ -208,6 +209,41 @@ def test_a_listed_weight_stays_float_knowingly():
     assert len(list(quantized_modules(model))) == 14
 
 
+def test_embedding_stage_position_tables_and_hyper_connections_are_kinds_kept_float():
+    """Weights the block-by-block engine cannot calibrate or should not touch get a kind of their own (float,
+    listed): a projection of the embeddings outside the blocks, a position table that is not an nn.Embedding, a
+    hyper-connection's mixing matrix. The same tensors under other names stay unknown and are refused."""
+
+    class AxialPositionEmbeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = nn.ParameterList(
+                [nn.Parameter(torch.randn(16, 1, 16)), nn.Parameter(torch.randn(1, 16, 16))]
+            )
+
+    class StreamHyperConnection(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fn = nn.Parameter(torch.randn(8, 64))
+
+    model = _llama_with_extra_weight()
+    del model.model.layers[1].mlp.mixer
+    model.model.embeddings_project = nn.Linear(32, 32)
+    model.model.per_layer_model_projection = nn.Linear(32, 64)
+    model.model.position_table = AxialPositionEmbeddings()
+    model.model.layers[0].attn_hc = StreamHyperConnection()
+    kinds = {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}
+    assert kinds["model.embeddings_project.weight"] == "embedding projection"
+    assert kinds["model.per_layer_model_projection.weight"] == "embedding projection"
+    assert kinds["model.position_table.weights.0"] == kinds["model.position_table.weights.1"] == "embedding"
+    assert kinds["model.layers.0.attn_hc.fn"] == "hyper-connection"
+
+    model.model.project = nn.Linear(32, 32)  # outside the blocks, named like nothing known
+    model.model.layers[0].mix = nn.Parameter(torch.randn(8, 64))
+    kinds = {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}
+    assert kinds["model.project.weight"] == kinds["model.layers.0.mix"] == "unknown"
+
+
 def test_routers_stay_float_and_are_named_so(moe_round_trip):
     _, model, _ = moe_round_trip
     kinds = {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}
@@ -272,7 +308,6 @@ def test_routers_that_are_linears_stay_float_unless_asked(arch, router):
 def test_only_routers_of_experts_count_as_routers():
     """A gate is a router only beside experts or by a router class: a linear-attention layer's ``forget_gate``
     and a gated MLP's Linears are quantized like any other."""
-    from torch import nn
 
     from hf_babai.engine import router_linears
 

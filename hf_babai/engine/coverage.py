@@ -67,6 +67,8 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = "vector"  # a [1, 1, H] mixing or scaling vector stored with extra dims (RWKV)
             elif root and not name.startswith(root + "."):
                 kind = "outside the language model"
+            elif not in_blocks and _embedding_stage(name):
+                kind = "embedding projection"
             elif in_blocks and (is_quantizable(mod) or is_fused_experts(mod) or isinstance(mod, UnfusedExperts)):
                 kind = QUANTIZED
             elif "norm" in type(mod).__name__.lower() or "norm" in pname:
@@ -77,10 +79,32 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = "convolution"
             elif pname in SSM_STATE:
                 kind = "state-space parameter"
+            elif _hyper_connection(name, mod):
+                kind = "hyper-connection"
             else:
                 kind = UNKNOWN
             out.append(FloatWeight(full, tuple(t.shape), kind))
     return out
+
+
+# Gemma-3n's and Gemma-4's projection of the embeddings into every layer's extra input (its name has no "embed").
+PER_LAYER_INPUT_PROJECTIONS = frozenset({"per_layer_model_projection"})
+
+
+def _embedding_stage(name: str) -> bool:
+    """Whether a module outside the decoder blocks belongs to the embedding stage by its name: a projection of the
+    embeddings (ELECTRA's ``embeddings_project``, RemBERT's ``embedding_hidden_mapping_in``, BLT's
+    ``patch_embedding_projection``) or Gemma's per-layer input projection. It runs before the first block, so the
+    block-by-block engine has no calibrated input for it; like the embeddings themselves it stays float."""
+    parts = name.split(".")
+    return any("embed" in p for p in parts) or parts[-1] in PER_LAYER_INPUT_PROJECTIONS
+
+
+def _hyper_connection(name: str, module: nn.Module) -> bool:
+    """Hyper-connections (HunYuan-V4, GLM-5-next, Qwen-4-exp) mix several residual streams with small learned
+    matrices (``attn_hc.fn [n·(n+2), n·H]``): few weights that every token passes through, as sensitive as a router,
+    so they stay float like one."""
+    return "hyper" in type(module).__name__.lower() or any("hyper_connection" in p for p in name.split("."))
 
 
 def check_float_weights(model: nn.Module, skip: tuple[str, ...]) -> None:
