@@ -2,8 +2,9 @@
 
 Every configuration runs in its own subprocess (so ``peak_rss_gb`` is that configuration's own peak) on
 the same model folder, the same calibration windows and the same evaluation windows, saved once per run.
-The peer, llm-compressor's GPTQ, runs from its own virtual environment (``scripts/setup_peer.sh``; it pins
-an older transformers) through ``bench/peer_llmcompressor.py``.
+The peers run from their own virtual environments: llm-compressor's GPTQ (``scripts/setup_peer.sh``; it pins
+an older transformers) through ``bench/peer_llmcompressor.py``, GPTQModel's GPTQ and GPTAQ (``--peer-gptqmodel``,
+``.venv-gptqmodel`` from ``scripts/setup_loaders.sh``) through ``bench/peer_gptqmodel.py``.
 
 Prints one JSON record per (model, tool, method, bits, group, order) and appends it to ``--out``.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
+GPTQMODEL_PY = ROOT / ".venv-gptqmodel" / "bin" / "python"
 
 
 ENTROPY_METHODS = ("hptq", "hrtn")
@@ -156,6 +158,13 @@ def main() -> None:
     p.add_argument("--peer", action="store_true", help="also run llm-compressor GPTQ (needs .venv-peer)")
     p.add_argument("--peer-actorder", default="static", help="llm-compressor actorder (none/static/group/weight)")
     p.add_argument("--peer-observer", default="mse", help="llm-compressor scale observer (mse/mse-llmc/minmax)")
+    p.add_argument(
+        "--peer-gptqmodel",
+        nargs="+",
+        default=[],
+        choices=["default", "best", "default+gptaq", "best+gptaq"],
+        help="also run GPTQModel 7.6.0 in these presets (needs .venv-gptqmodel: scripts/setup_loaders.sh)",
+    )
     p.add_argument("--outlier-rates", type=float, nargs="+", default=[0.01], help="ssqr: outlier budgets to run")
     p.add_argument("--outlier-rate", type=float, help=argparse.SUPPRESS)
     p.add_argument(
@@ -246,6 +255,8 @@ def main() -> None:
     ]
     if args.peer and not PEER_PY.exists():
         raise SystemExit(f"--peer needs {PEER_PY}: run `bash scripts/setup_peer.sh` first")
+    if args.peer_gptqmodel and not GPTQMODEL_PY.exists():
+        raise SystemExit(f"--peer-gptqmodel needs {GPTQMODEL_PY}: run `bash scripts/setup_loaders.sh` first")
 
     jobs: list[list[str]] = []
     if not args.no_fp:
@@ -253,6 +264,8 @@ def main() -> None:
     for bits in args.bits:
         for group in args.groups:
             for m in args.methods:
+                if m == "none":  # only the peers
+                    continue
                 method, _, order = m.partition(":")
                 job = [*base, "--method", method, "--order", order or "act-order"]
                 job += ["--bits", str(bits), "--group-size", str(group)]
@@ -283,6 +296,12 @@ def main() -> None:
                         str(tmp / "peer.json"),
                     ]
                 )
+            for preset in args.peer_gptqmodel:
+                name, _, gptaq = preset.partition("+")
+                runner = [str(GPTQMODEL_PY), str(ROOT / "bench" / "peer_gptqmodel.py"), "--model", str(model_dir)]
+                files = ["--calib", str(calib_file), "--eval", str(eval_file), "--out", str(tmp / "gptqmodel.json")]
+                setting = ["--bits", str(bits), "--group-size", str(group), "--preset", name]
+                jobs.append([*runner, *files, *setting, *(["--gptaq"] if gptaq else [])])
     for cmd in jobs:
         rec = _sub(cmd)
         rec.setdefault("model", args.model)
@@ -292,6 +311,10 @@ def main() -> None:
             # compare at 16-bit scales like ours (the peer keeps scales in the model dtype, fp32 here)
             rec["bpw_as_stored"] = rec["bpw"]
             rec["bpw"] = rec.get("details", {}).get("bpw_16bit_scales", rec["bpw"])
+            rec.setdefault("loss", None)
+            rec.setdefault("bound", None)
+        if rec.get("tool") == "gptqmodel":
+            rec.setdefault("order", f"preset={rec.get('preset')}")
             rec.setdefault("loss", None)
             rec.setdefault("bound", None)
         line = json.dumps(rec)
