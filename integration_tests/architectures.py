@@ -99,7 +99,8 @@ _INKLING = {
     "sliding_window_size": 16,
 }
 _INKLING2 = {**_INKLING, "unpadded_vocab_size": 512}
-_LAYER_TYPES = ("full_attention", "sliding_attention")
+# RoPE given per attention type (Cohere Compass reads rope_parameters[layer_type])
+_PER_TYPE_ROPE = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # 16-wide heads' halves
 _NEMOTRON_H = {"head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1}
 # Fields a family's config derives from its full size, or validates against its layer count, that the generic
@@ -125,19 +126,13 @@ FAMILY: dict[str, dict[str, Any]] = {
         "decoder_config": {"hidden_size_global": 64},
     },
     "chameleon": {"vocabulary_map": {"<image>": 8}},
-    **{
-        cc: {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0} for t in _LAYER_TYPES}}
-        for cc in ("cohere_compass_text",)
-    },
-    "cohere_compass": {
-        "text_config": {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10000.0} for t in _LAYER_TYPES}}
-    },
+    "cohere_compass": {"text_config": {"rope_parameters": _PER_TYPE_ROPE}},
+    "cohere_compass_text": {"rope_parameters": _PER_TYPE_ROPE},
     "ctrl": {"dff": 128},
     "dbrx": {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
     },
-    "dots3_note": {"text_config": {"num_key_value_heads": 4, "per_layer_config": {}}},
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"]}},
     "deepseek_v4": {"head_dim": 32, "o_lora_rank": 32, "index_topk": 8},
     "ernie4_5_moe": {"moe_k": 2},
@@ -153,7 +148,6 @@ FAMILY: dict[str, dict[str, Any]] = {
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
     "gemma4_text": {"head_dim": 16, "hidden_size_per_layer_input": 16, "global_head_dim": 16},
     **{glm: {"text_config": {"rope_parameters": _MROPE}} for glm in ("glm4v", "glm46v", "glm_ocr", "glmga")},
-    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "glm5_next": {  # its DSA layers are NoPE
         "text_config": {
             "num_key_value_heads": 4,
@@ -165,6 +159,7 @@ FAMILY: dict[str, dict[str, Any]] = {
             "linear_num_heads": 4,
         }
     },
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "granite4_vision": {
         "deepstack_layer_map": [[0, 0], [1, 1]],
         "spatial_target_layers": [0, 1, 0, 1],
