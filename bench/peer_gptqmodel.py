@@ -111,7 +111,8 @@ def with_dequantized_weights(float_dir: str, packed: torch.nn.Module) -> torch.n
     """The float32 model of ``float_dir`` with every quantized Linear's weight replaced by GPTQModel's codes times
     its scales, computed in float32: the same fake-quantized evaluation as the llm-compressor runner and hf_babai.
     GPTQModel's in-memory model after ``quantize()`` is not usable on CPU in float32 (its torch kernel supports
-    float16/bfloat16 only and returns NaN or overflows otherwise), hence the save and reload."""
+    float16/bfloat16 only and returns NaN or overflows otherwise), hence the save and reload, in float16 so that
+    the checkpoint's float16 scales load exactly (bfloat16 would round them)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hf_babai_gptqmodel_") as tmp:
         model.save(tmp)
         del model
-        packed = GPTQModel.load(tmp, device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16).model
+        packed = GPTQModel.load(tmp, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
     fmt = packed_bits(packed)
     hf_model = with_dequantized_weights(args.model, packed)
     ppl = perplexity(hf_model, evalw)
