@@ -23,20 +23,14 @@ dequantized weights (see :func:`with_dequantized_weights`), with the same formul
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import resource
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-
 import torch
+from peer_common import load_windows, peak_rss_gb, perplexity, write_result
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,13 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_windows(path: str) -> torch.Tensor:
-    t = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point:
-        raise SystemExit(f"{path}: expected an integer tensor [n, seqlen], got {type(t)} {getattr(t, 'shape', '')}")
-    return t.to(torch.int64).contiguous()
-
-
 def quantize_config(args: argparse.Namespace):
     """The ``GPTQConfig`` of the preset: symmetric int, the group size asked, fallback to RTN off."""
     from gptqmodel.quantization.config import GPTAQConfig, GPTQConfig
@@ -73,20 +60,6 @@ def quantize_config(args: argparse.Namespace):
     if args.gptaq:
         kw["gptaq"] = GPTAQConfig()
     return GPTQConfig(**kw)
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    model.eval()
-    total_nll, total_tok = 0.0, 0
-    for ids in windows.split(1):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tok += ids[:, 1:].numel()
-    return math.exp(total_nll / total_tok)
 
 
 def packed_bits(model: torch.nn.Module) -> dict:
@@ -164,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "sym": True,
         "ppl": ppl,
         "seconds": seconds,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
         "bpw": fmt["bpw"],
         "n_calib": int(calib.shape[0]),
         "seqlen": int(calib.shape[1]),
@@ -181,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: v for k, v in fmt.items() if k != "bpw"},
         },
     }
-    text = json.dumps(result, indent=2)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

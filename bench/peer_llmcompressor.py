@@ -31,20 +31,13 @@ default for weights).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import resource
 import sys
 import time
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 import torch
+from peer_common import load_windows, peak_rss_gb, perplexity, write_result
 
 # Observer presets: name -> (llm-compressor observer, observer_kwargs).
 OBSERVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -96,14 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.group_size == 0 or args.group_size < -1:
         p.error("--group-size must be positive or -1")
     return args
-
-
-def load_windows(path: str) -> torch.Tensor:
-    """Load a torch-saved 2-D integer tensor of token ids as int64."""
-    t = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype.is_floating_point:
-        raise SystemExit(f"{path}: expected an integer tensor [n, seqlen], got {type(t)} {getattr(t, 'shape', '')}")
-    return t.to(torch.int64).contiguous()
 
 
 def build_scheme(args: argparse.Namespace) -> Any:
@@ -169,23 +154,6 @@ def check_group_divisibility(model: torch.nn.Module, group_size: int) -> None:
         )
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int) -> float:
-    """``exp(total NLL / predicted tokens)``; each window scores ``logits[:-1]`` against ``ids[1:]``."""
-    model.eval()
-    total_nll = 0.0
-    total_tok = 0
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i : i + batch]
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tok += ids[:, 1:].numel()
-    return math.exp(total_nll / total_tok)
-
-
 def format_bits(model: torch.nn.Module, bits: int, sym: bool) -> dict[str, Any]:
     """Bits per weight of llm-compressor's serialized format, from the tensors it attached.
 
@@ -240,11 +208,6 @@ def format_bits(model: torch.nn.Module, bits: int, sym: bool) -> dict[str, Any]:
         "scale_dtypes": sorted(scale_dtypes),
         "has_g_idx": gidx_bits > 0,
     }
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: v for k, v in fmt.items() if k != "bpw"},
         },
     }
-    text = json.dumps(result, indent=2)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_result(result, args.out)
     return 0
 
 
