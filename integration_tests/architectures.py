@@ -206,7 +206,30 @@ FAMILY: dict[str, dict[str, Any]] = {
         "local_attn_chunk_length": 16,
         "lsh_attn_chunk_length": 16,
     },
+    "t5gemma2": {  # its encoder nests text and vision configs one level deeper than the shrinking reaches
+        "encoder": {
+            "text_config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "vocab_size": 512,
+            },
+            "vision_config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            },
+        },
+        "decoder": {"head_dim": 16},
+    },
+    # as from_encoder_decoder_pretrained builds it: a text decoder that cross-attends to the image encoder
+    "vision-encoder-decoder": {"decoder": {"is_decoder": True, "add_cross_attention": True}},
     "xlm": {"emb_dim": 64},
+    "xmod": {"default_language": "en_XX"},  # its adapters need a language (users call set_default_language)
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "hybrid", "hybrid"]},
     "zamba2": {"layer_types": ["mamba", "hybrid"], "hybrid_layer_ids": [1]},
     "zaya": {"num_experts_per_tok": 1},
@@ -243,7 +266,7 @@ def tiny_config(arch: str, profile: dict[str, Any] | None = None):
     """The config of ``arch`` with every declared size field made tiny (sub-configs too)."""
     from transformers import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[arch]
+    cls = getattr(model_class(arch), "config_class", None) or CONFIG_MAPPING[arch]  # MusicGen's decoder config
     try:
         defaults = cls().to_dict()
     except Exception:  # defaults that do not validate alone (an assistant's fields): the family's fields fix them
@@ -277,9 +300,20 @@ def _deadline(seconds: int):
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's output on text: through the module calibration text goes to (its language model where the
+    model's own forward needs an image, :func:`hf_babai.engine.text_entry`)."""
+    from hf_babai.engine import find_blocks, text_entry
+
+    entry = text_entry(model, find_blocks(model)[0], ids)
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=False)
+        out = entry(input_ids=ids, use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+def _refused(exc: BaseException) -> bool:
+    """Raised by hf_babai itself (a refusal with its reason), not by the model or the harness."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, (ValueError, NotImplementedError)) and bool(frames) and "/hf_babai/" in frames[-1].filename
 
 
 def float_leftovers(model) -> list[str]:
@@ -305,21 +339,42 @@ def architectures() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def model_class(arch: str):
+    """The model class the mappings name for ``arch`` (its config class may differ from ``CONFIG_MAPPING``'s: the
+    causal-LM MusicGen is the decoder alone, with the decoder's config)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    names = {**MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, **MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+    return getattr(transformers, names[arch], None)
+
+
 def _tiny_model(arch: str, profile: dict[str, Any], ids: torch.Tensor):
     """A tiny float model of ``arch`` that runs a forward, or an exception saying why not."""
     import transformers
 
     cfg = tiny_config(arch, profile)
     auto = getattr(transformers, architectures()[arch])
+    if type(cfg) not in auto._model_mapping:  # a config the Auto class does not map (Evolla's): the named class
+        auto = model_class(arch)
+    build = getattr(auto, "from_config", None) or auto._from_config  # an Auto class, or a model class
     with torch.device("meta"):  # sized before any memory is spent on it
-        model = auto.from_config(cfg, dtype=torch.float32)
+        model = build(cfg, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
     if params > MAX_PARAMS or widest > MAX_IN_FEATURES:
         raise ValueError(f"{params} parameters, Linears up to {widest} inputs after shrinking")
     torch.manual_seed(0)
-    model = auto.from_config(cfg, dtype=torch.float32).eval()  # as from_pretrained returns it
-    _logits(model, ids[:2, :16])
+    model = build(cfg, dtype=torch.float32).eval()  # as from_pretrained returns it
+    try:
+        _logits(model, ids[:2, :16])
+    except Exception as exc:
+        if not _refused(exc):
+            raise
+        # it builds, and hf_babai refuses its text path by name (it needs images): the quantize step records that
     return model
 
 
@@ -450,8 +505,13 @@ def write_table(expected: dict[str, dict[str, Any]], path: Path = TABLE) -> None
         "arguments. Reload maps checkpoint keys with transformers' own conversion mapping.",
         "",
         "Vision-language models are calibrated with text alone: the ids run through the model's forward, which",
-        "sends them to the language model. Calibrating with images would pass `pixel_values` (and the image token",
-        "ids) in the calibration batches, so the image tokens reach the language model through the projector;",
+        "sends them to the language model; where that forward insists on an image (BLIP-2, InstructBLIP, Kosmos-2),",
+        "the ids go to the language model itself (`hf_babai.engine.text_entry`, logged). A decoder that",
+        "cross-attends to the image encoder's outputs (BLIP, Pix2Struct, UDOP, VisionEncoderDecoder) would leave",
+        "its cross-attention uncalibrated on text and is refused by name, as is a model no part of which runs on",
+        'token ids alone (IDEFICS, Gemma-4\'s draft models). `method="rtn"` needs no calibration: BLIP and',
+        "Pix2Struct quantize and reload that way. Calibrating with images would pass `pixel_values` (and the image",
+        "token ids) in the calibration batches, so the image tokens reach the language model through the projector;",
         "quantizing the vision tower itself would need its own block list and Hessians from those images. Neither",
         "is built yet, so there is no option to quantize the vision tower.",
         "",

@@ -436,3 +436,75 @@ def test_a_hybrid_decoder_alternating_layer_classes_is_found():
     model.layers = nn.ModuleList([Attn(), Recurrent(), Attn(), Recurrent()])
     model.misc = nn.ModuleList([nn.Linear(8, 8), nn.LayerNorm(8)] * 3)  # unlike, and not every one holds a Linear
     assert find_blocks(model)[0] == "layers"
+
+
+class _CrossBlock(nn.Module):
+    """A decoder block with a cross-attention Linear that only runs when the encoder's states are given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.cross = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, encoder_states: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.proj(x)
+        return x if encoder_states is None else x + self.cross(encoder_states)
+
+
+class _ImageTextModel(nn.Module):
+    """A vision-language model whose forward insists on an image (BLIP-2's shape): a vision tower, and a language
+    model that runs on token ids alone (``cross=True``: its blocks cross-attend to the image features instead)."""
+
+    def __init__(self, cross: bool = False) -> None:
+        super().__init__()
+        self.vision = nn.Linear(8, 16)
+        self.language_model = _TwiceModel()
+        if cross:
+            self.language_model.layers = nn.ModuleList([_CrossBlock(), _CrossBlock()])
+
+    def get_decoder(self) -> nn.Module:  # as transformers' VLMs name their language model
+        return self.language_model
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        return self.language_model(input_ids) + self.vision(pixel_values).mean()
+
+
+def test_a_model_that_needs_an_image_is_calibrated_through_its_language_model(caplog):
+    """Its forward cannot run on text, so the text goes to its language model (logged), whose blocks are then
+    quantized exactly as the language model alone would be; the vision tower stays float."""
+    from hf_babai.engine import text_entry
+
+    torch.manual_seed(0)
+    vlm, ids = _ImageTextModel(), torch.randint(0, 32, (4, 10))
+    alone = _TwiceModel()
+    alone.load_state_dict(vlm.language_model.state_dict())
+    with caplog.at_level("WARNING", logger="hf_babai.engine.blocks"):
+        assert text_entry(vlm, "language_model.layers", ids) is vlm.language_model
+    assert "missing 1 required positional argument: 'pixel_values'" in caplog.text
+    assert "calibrating through its language model `language_model`" in caplog.text
+    assert text_entry(alone, "layers", ids) is alone  # a model that runs on text is its own entry
+    spec = QuantSpec(bits=4, group_size=16)
+    quantize_model(vlm, spec, ids, progress=False)
+    quantize_model(alone, spec, ids, progress=False)
+    assert type(vlm.vision) is nn.Linear
+    for a, b in zip(vlm.language_model.layers, alone.layers, strict=True):
+        assert torch.equal(a.proj.qweight, b.proj.qweight)
+
+
+def test_a_decoder_that_cross_attends_to_the_image_is_refused_by_name():
+    """Text alone leaves its cross-attention uncalibrated: refused, naming the layer, not rounded to nearest."""
+    with pytest.raises(ValueError, match=r"does not call language_model\.layers\.0\.cross on text"):
+        quantize_model(
+            _ImageTextModel(cross=True), QuantSpec(bits=4, group_size=16), torch.randint(0, 32, (2, 8)), progress=False
+        )
+
+
+def test_a_model_no_part_of_which_runs_on_text_is_refused_by_name():
+    class NeedsImage(_TwiceModel):
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+            raise ValueError("You have to specify pixel_values")
+
+    with pytest.raises(ValueError, match=r"NeedsImage's forward does not run on token ids alone \(ValueError: You "):
+        quantize_model(NeedsImage(), QuantSpec(bits=4, group_size=16), torch.randint(0, 32, (2, 8)), progress=False)
+    quantize_model(NeedsImage(), QuantSpec(bits=4, group_size=16, method="rtn"), None, progress=False)  # the fix
+

@@ -31,6 +31,7 @@ from .blocks import (
     replace_module,
     run_block,
     target_linears,
+    text_entry,
 )
 from .coverage import check_float_weights, float_share, weight_kinds, weight_report
 from .distributed import Ranks
@@ -74,6 +75,7 @@ __all__ = [
     "run_identity",
     "solve_layer",
     "target_linears",
+    "text_entry",
     "unfuse_experts",
     "uses_one_pass",
     "weight_kinds",
@@ -160,10 +162,11 @@ def quantize_model(
         log.info("distributed: rank %d of %d calibrates samples %d..%d", ranks.rank, ranks.world, share.start,
                  share.stop - 1)  # fmt: skip
     schedule = TwoPass() if ranks is not None else schedule_for(spec, uses_one_pass(spec, n, batch_size))
-    inputs = [] if rtn else capture_block_inputs(model, blocks[0], input_ids, attention_mask, bs, progress)
+    entry = model if rtn else text_entry(model, blocks_name, input_ids, attention_mask)
+    inputs = [] if rtn else capture_block_inputs(entry, blocks[0], input_ids, attention_mask, bs, progress)
     per_block = None  # each block's own arguments, where the model hands different layers different ones
     if not rtn and inputs and mixed_layer_types(model):
-        per_block = capture_block_kwargs(model, blocks, input_ids, attention_mask, bs)
+        per_block = capture_block_kwargs(entry, blocks, input_ids, attention_mask, bs)
     if not rtn and not inputs:
         raise ValueError(
             f"the model's forward on token ids never reached {blocks_name}.0, so its blocks cannot be calibrated from "

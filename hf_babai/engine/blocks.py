@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import logging
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 
 from ..formats import format_of
 from .routers import router_linears
+
+log = logging.getLogger(__name__)
 
 # nn.Linear subclasses whose forward is still x @ Wᵀ + b (written out by hand), so a quantized module may replace
 # them. Any other subclass that overrides forward computes something else around its weight (Llama 4's and
@@ -179,6 +182,93 @@ def onload_block(block: nn.Module) -> None:
         hook.pre_forward(mod)  # loads the weights from the offload map onto the execution device
         hook.offload = False  # so detaching does not send them back to meta
         remove_hook_from_module(mod)
+
+
+def text_entry(
+    model: nn.Module, blocks_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> nn.Module:
+    """The module that calibration text is fed to: ``model`` itself when its forward reaches the decoder blocks
+    from token ids, else its language model.
+
+    A vision-language model whose forward insists on an image (BLIP-2 and InstructBLIP take ``pixel_values`` as a
+    required argument, Kosmos-2 raises without one) can still be calibrated with text: its language model (the
+    outermost module on the way to the blocks whose forward takes ``input_ids``) is what the text would reach, and
+    the vision tower and projector stay float anyway. That switch is logged, never silent. It is refused instead
+    when the language model leaves Linears of its first block uncalled on text alone (a decoder that cross-attends
+    to the image encoder's outputs: BLIP's, Pix2Struct's, a VisionEncoderDecoder's), since those layers would get
+    no calibration, and when no module inside the model runs on token ids alone (IDEFICS, draft models that need
+    their main model's states). One calibration window is run for the check, up to block 0 (through it for the
+    language model)."""
+    probe_ids = input_ids[:1]  # a whole window: some models need its length (Reformer's chunks)
+    probe_mask = None if attention_mask is None else attention_mask[:1]
+    blocks = model.get_submodule(blocks_name)
+    try:
+        _reaches(model, blocks[0], probe_ids, probe_mask, {})
+        return model  # reaching block 0 or not: a forward that ends before it is refused by the caller, by name
+    except Exception as exc:
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    cls = type(model).__name__
+    parts = blocks_name.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        lm = model.get_submodule(prefix)
+        if "input_ids" not in inspect.signature(lm.forward).parameters:
+            continue
+        called: dict[str, bool] = {
+            n: False
+            for n in target_linears(blocks[0], ())
+            if "experts" not in n.split(".")  # routed: may not run
+        }
+        try:
+            if not _reaches(lm, blocks[0], probe_ids, probe_mask, called):
+                continue
+        except Exception:
+            continue
+        missed = [n for n, ran in called.items() if not ran]
+        if missed:
+            raise ValueError(
+                f"{cls}'s forward does not run on token ids alone ({why}), and its language model `{prefix}` does not "
+                f"call {', '.join(f'{blocks_name}.0.{n}' for n in missed[:4])} on text (a decoder that cross-attends "
+                "to the image encoder's outputs): those layers can only be calibrated with images, which hf_babai "
+                "does not do; method='rtn' quantizes without calibration"
+            )
+        log.warning(
+            "%s's forward does not run on token ids alone (%s): calibrating through its language model `%s` with "
+            "text only (the vision tower and projector stay float)", cls, why, prefix,
+        )  # fmt: skip
+        return lm
+    raise ValueError(
+        f"{cls}'s forward does not run on token ids alone ({why}), and no module on the way to its blocks "
+        f"`{blocks_name}` does: hf_babai calibrates with text only, so this model cannot be calibrated "
+        "(method='rtn' quantizes without calibration)"
+    )
+
+
+def _reaches(
+    entry: nn.Module, block: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, called: dict[str, bool]
+) -> bool:
+    """Runs ``entry`` on ``ids`` until ``block`` is reached (through it when ``called`` names Linears of the block
+    to watch, each marked True once it runs); whether it was reached. Raises whatever the forward raises."""
+    reached = []
+
+    def stop(*_):
+        reached.append(True)
+        raise _StopForward
+
+    mark = [lambda *_, n=n: called.__setitem__(n, True) for n in called]
+    watched = [block.get_submodule(n).register_forward_hook(f) for n, f in zip(called, mark, strict=True)]
+    handle = block.register_forward_hook(stop) if called else block.register_forward_pre_hook(stop)
+    try:
+        batch = {"input_ids": ids.to(execution_device(entry)), "use_cache": False}
+        if mask is not None:
+            batch["attention_mask"] = mask.to(batch["input_ids"].device)
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            entry(**batch)
+    finally:
+        handle.remove()
+        for h in watched:
+            h.remove()
+    return bool(reached)
 
 
 def capture_block_inputs(

@@ -45,7 +45,8 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
     for m in model.modules():  # a position table that is not an nn.Embedding (Reformer's axial one) is one too
         if re.search(r"position(al)?embedding", type(m).__name__.lower()):
             embeddings |= {id(sub) for sub in m.modules()}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model, root)
+    head_stage = _head_stage(model, head, blocks_name)
     routers = router_linears(model)
     out: list[FloatWeight] = []
     for name, mod in model.named_modules():
@@ -57,7 +58,7 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
             full = f"{name}.{pname}" if name else pname
             if id(mod) in embeddings:
                 kind = "embedding"
-            elif (head is not None and mod is head) or "lm_head" in full:
+            elif (head is not None and mod is head) or "lm_head" in full or _under(name, head_stage):
                 kind = "lm_head"  # the output head and any layer of it (an MLM-style head's dense), always float
             elif any(s in full for s in skip):
                 kind = "modules_to_not_convert"
@@ -85,6 +86,33 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = UNKNOWN
             out.append(FloatWeight(full, tuple(t.shape), kind))
     return out
+
+
+def _output_head(model: nn.Module, root: str) -> nn.Module | None:
+    """The output head: the model's own, else its language model's (BLIP names none at the top)."""
+    for owner in (model, model.get_submodule(root) if root else None):
+        head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+        if head is not None:
+            return head
+    return None
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and name.startswith(prefix + ".")
+
+
+def _head_stage(model: nn.Module, head: nn.Module | None, blocks_name: str) -> str | None:
+    """The module holding the output head and the layers that run with it, when it holds nothing else: a BERT-style
+    head (``cls.predictions``) puts a dense transform and a norm before its decoder; they act on the last block's
+    output, where the head is, and stay float with it. ``None`` when the head's parent is the model or holds the
+    blocks (``model.lm_head`` beside ``model.layers``)."""
+    if head is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), "")
+    parent = name.rpartition(".")[0]
+    if not parent or blocks_name == parent or blocks_name.startswith(parent + "."):
+        return None
+    return parent
 
 
 # Gemma-3n's and Gemma-4's projection of the embeddings into every layer's extra input (its name has no "embed").
