@@ -100,6 +100,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 order=args.order,
                 refine_sweeps=sweeps,
                 beams=args.beams if method == "babai" else 1,
+                asym_alpha=args.asym_alpha if method == "babai" else 0.0,
                 **({"rescale": args.rescale} if method == "babai" and args.rescale is not None else {}),
                 scale_method=args.scale_method if method == "babai" else None,
                 **schedule,
@@ -110,6 +111,8 @@ def run_one(args: argparse.Namespace) -> dict:
                 rec["refine_sweeps"] = sweeps
             if spec.beams > 1:
                 rec["beams"] = spec.beams
+            if spec.asym_alpha:
+                rec["asym_alpha"] = spec.asym_alpha
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
         records = quantize_model(model, spec, ids, batch_size=args.calib_batch, progress=False)
@@ -171,6 +174,9 @@ def main() -> None:
         "--refine-sweeps", type=int, default=0, help="babai int format: coordinate-descent sweeps after the solve"
     )
     p.add_argument("--beams", type=int, default=1, help="babai int format: K-best nearest plane beams (1 = Babai)")
+    p.add_argument(
+        "--asym-alpha", type=float, default=0.0, help="babai: GPTAQ asymmetric calibration strength (0 = off)"
+    )
     p.add_argument(
         "--scale-method",
         choices=["auto", "mse", "hmse", "minmax"],
@@ -248,6 +254,7 @@ def main() -> None:
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
         *(["--beams", str(args.beams)] if args.beams > 1 else []),
+        *(["--asym-alpha", str(args.asym_alpha)] if args.asym_alpha else []),
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),

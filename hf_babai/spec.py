@@ -108,6 +108,13 @@ class QuantSpec:
         allowed="use an int in [1, 64] (K-best beams; 1 = Babai's nearest plane), e.g. 4",
         valid=lambda v: _int(v) and 1 <= v <= 64,
     )
+    asym_alpha: float = _setting(
+        0.0,
+        "GPTAQ asymmetric calibration: move each Linear's target this fraction of the way to the float model's "
+        "output (0 = off; GPTAQ's default 0.25; two passes, one process)",
+        allowed="use a float in [0, 1] (0 = off; GPTAQ's default is 0.25)",
+        valid=lambda v: _real(v) and 0 <= v <= 1,
+    )
     scale_dtype: str = _setting(
         "float16",
         "int: scales exact in float16, or also in bfloat16 for serving a bf16 model exactly (docs/serving.md)",
@@ -224,6 +231,11 @@ class QuantSpec:
             )
             allowed = f"format={self.format!r} takes one of {fmt.scale_methods} ({self.scale_method!r} is for {takers})"
             raise invalid("scale_method", self.scale_method, allowed)
+        if self.asym_alpha and (self.true_sequential or self.method != "babai"):
+            raise ValueError(
+                f"asym_alpha={self.asym_alpha} fits each layer to the float model's output in the two-pass schedule "
+                "with calibration: use method='babai' and leave true_sequential unset (or False)"
+            )
         if self.true_sequential and self.batch_size is not None:
             raise ValueError(
                 f"true_sequential=True quantizes inside one forward of all calibration samples; batch_size="

@@ -508,3 +508,22 @@ def test_a_model_no_part_of_which_runs_on_text_is_refused_by_name():
         quantize_model(NeedsImage(), QuantSpec(bits=4, group_size=16), torch.randint(0, 32, (2, 8)), progress=False)
     quantize_model(NeedsImage(), QuantSpec(bits=4, group_size=16, method="rtn"), None, progress=False)  # the fix
 
+
+def test_asymmetric_calibration_moves_only_the_blocks_whose_inputs_drifted():
+    """asym_alpha fits each Linear to the float model's output. Block 0's inputs are the float model's own (its
+    cross term is zero), so its codes equal the plain run's; later blocks see drifted inputs and move. alpha = 0 is
+    the plain run exactly, and the option refuses what would drop its float stream."""
+    ids = calib()
+    zero, asym = tiny_llama(), tiny_llama()
+    quantize_model(zero, QuantSpec(bits=3, group_size=16, true_sequential=False), ids, progress=False)
+    quantize_model(asym, QuantSpec(bits=3, group_size=16, asym_alpha=0.25), ids, progress=False)
+    c_zero, c_asym = codes_of(zero), codes_of(asym)
+    first = [k for k in c_zero if k.startswith("model.layers.0.")]
+    later = [k for k in c_zero if not k.startswith("model.layers.0.")]
+    assert first and later
+    assert all(torch.equal(c_zero[k], c_asym[k]) for k in first)
+    assert any(not torch.equal(c_zero[k], c_asym[k]) for k in later)
+    with pytest.raises(ValueError, match=r"asym_alpha=0\.25 fits each layer to the float model's output"):
+        QuantSpec(bits=3, asym_alpha=0.25, true_sequential=True)
+    with pytest.raises(ValueError, match=r"asym_alpha=1\.5 is invalid"):
+        QuantSpec(asym_alpha=1.5)

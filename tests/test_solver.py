@@ -408,3 +408,24 @@ def test_backends_refusing_the_in_place_cholesky_get_the_same_factor(monkeypatch
     monkeypatch.setattr(babai, "_cholesky_upper_inplace", refuse)
     f = factor_hessian(h, "min-pivot")
     assert torch.equal(f.r, ref.r) and torch.equal(f.t, ref.t) and f.damping == ref.damping
+
+
+def test_asymmetric_target_is_the_least_squares_fit_to_the_float_output():
+    """With alpha = 1 and no damping, W* minimises ‖X̃ Wᵀ − X W*ᵀ‖ (GPTAQ's objective, unconstrained), in
+    float64 against lstsq; alpha scales the move linearly and alpha = 0 leaves W as it is."""
+    from hf_babai.solver import asymmetric_target
+
+    g = torch.Generator().manual_seed(0)
+    n, k, m = 400, 24, 10
+    x = torch.randn(n, k, generator=g, dtype=torch.float64)
+    x_float = x + 0.1 * torch.randn(n, k, generator=g, dtype=torch.float64)  # the float model's input
+    w = torch.randn(m, k, generator=g, dtype=torch.float64)
+    h = 2.0 / n * x.t() @ x
+    cross = 2.0 / n * (x_float - x).t() @ x
+    want = torch.linalg.lstsq(x, x_float @ w.t()).solution.t()
+    got = asymmetric_target(w, h, cross, 0.0, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    half = asymmetric_target(w, h, cross, 0.0, 0.5)
+    torch.testing.assert_close(half, (w + want) / 2, rtol=1e-9, atol=1e-9)
+    assert torch.equal(asymmetric_target(w, h, cross, 0.0, 0.0), w)
+    assert (got - w).abs().max() > 0.01  # the move is not negligible here

@@ -147,6 +147,11 @@ def quantize_model(
             f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
             "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
         )
+    if spec.asym_alpha and (ranks is not None or (store is not None and store.finished)):
+        raise ValueError(
+            f"asym_alpha={spec.asym_alpha} runs a float stream beside the blocks, which neither a distributed run nor "
+            "a resumed one carries: run it in one process from the start (a new run_dir), or leave asym_alpha at 0"
+        )
     if ranks is not None:  # each rank forwards its share of the samples: one forward never sees them all
         if spec.true_sequential:
             raise ValueError(
@@ -176,6 +181,7 @@ def quantize_model(
     check_float_weights(model, spec.skip)  # before any solve: a weight nobody would quantize is named now
     warn_narrow_layers(model, spec)
     masks = [None] * len(inputs) if attention_mask is None else [attention_mask[i : i + bs] for i in range(0, n, bs)]
+    float_stream = [h for h, _ in inputs] if spec.asym_alpha else None  # the float model's hidden states
     log.info("schedule: %s per block", schedule.name)
     records: list[LayerRecord] = []
     total_loss = 0.0
@@ -200,14 +206,16 @@ def quantize_model(
             continue
         set_expert_calibration(block, spec.expert_calibration)
         linears = target_linears(block, spec.skip, f"{blocks_name}.{b}", spec.quantize_router)
+        job = BlockJob(block, b, linears, spec, inputs, masks, ranks, fp_inputs=float_stream)
         try:
-            outputs, stats = run_schedule(schedule, BlockJob(block, b, linears, spec, inputs, masks, ranks))
+            outputs, stats = run_schedule(schedule, job)
         except (ValueError, torch.linalg.LinAlgError) as e:  # the layer's full name, whoever raised
             raise QuantizationError(
                 f"{blocks_name}.{b}.{e}" if isinstance(e, QuantizationError) else f"{blocks_name}.{b}: {e}"
             ) from e
         set_expert_calibration(block, "routed")
-        del linears  # the float Linears: freed below with the block's Hessians and factors
+        float_stream = job.fp_outputs
+        del linears, job  # the float Linears: freed below with the block's Hessians and factors
         if outputs is not None:
             inputs = [(o, kw) for o, (_, kw) in zip(outputs, inputs, strict=True)]
         done = [LayerRecord(b, name, *shape, seen, st.as_dict()) for name, (shape, st, seen) in stats.items()]

@@ -30,15 +30,28 @@ class BlockHessians:
         self.factors: dict[int, HessianFactor] = {}  # by id() of the accumulator they factor
         self.tokens: dict[str, int] = {}  # calibration tokens behind each factored Linear's Hessian
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
+        # asym_alpha: (2/n) Σ (X̃ − X)ᵀ X of each Linear (X̃ its input in the float model), shared like its Hessian
+        self._cross: dict[int, torch.Tensor] = {}
 
-    def accumulate(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, *, streaming: bool = False) -> None:
+    def accumulate(
+        self,
+        name: str,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        streaming: bool = False,
+        reference: torch.Tensor | None = None,
+    ) -> None:
         """Adds ``x`` to ``name``'s Hessian. Siblings called back to back on the very same tensor object
         (``q/k/v``, ``gate/up``) share one accumulator; only the last input is remembered, by identity
         (a freed tensor's address can be reused, so addresses alone would alias unrelated inputs).
 
         ``streaming`` (the one-pass schedule, where each Linear is solved in its own hook): a new input means
         every user of the previous one is solved, so that Hessian and its factor are freed now rather than at
-        the end of the block (each is K² float64 words: ~200 MB for a 5k-wide down_proj)."""
+        the end of the block (each is K² float64 words: ~200 MB for a 5k-wide down_proj).
+
+        ``reference`` (``asym_alpha``): the same Linear's input in the float model, for the cross term
+        (:meth:`cross_of`) of GPTAQ's asymmetric target."""
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
             self.acc.setdefault(name, last[2])
@@ -48,7 +61,25 @@ class BlockHessians:
         acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
         m = mask if mask is not None and mask.shape == x.shape[:-1] else None
         acc.add(x, m)
+        if reference is not None:
+            if reference.shape != x.shape:
+                raise ValueError(
+                    f"asym_alpha: {name} sees {tuple(x.shape)} inputs in the quantized model but "
+                    f"{tuple(reference.shape)} in the float one (a routed MoE expert): leave asym_alpha at 0"
+                )
+            rows, ref = x.reshape(-1, x.shape[-1]).double(), reference.reshape(-1, x.shape[-1]).double()
+            if m is not None:
+                keep = m.reshape(-1).to(rows.device).bool()
+                rows, ref = rows[keep], ref[keep]
+            cross = self._cross.setdefault(id(acc), torch.zeros_like(acc.high))
+            cross.addmm_((ref - rows).t(), rows)
         self._last = (x, x._version, acc)
+
+    def cross_of(self, name: str) -> torch.Tensor | None:
+        """``(2/n) Σ (X̃ − X)ᵀ X`` of ``name`` (scaled like its Hessian), if it was accumulated with a ``reference``."""
+        acc = self.acc.get(name)
+        cross = None if acc is None else self._cross.get(id(acc))
+        return None if cross is None else cross * (2.0 / max(acc.n, 1))
 
     def new_batch(self) -> None:
         self._last = None
@@ -56,6 +87,7 @@ class BlockHessians:
     def release(self, acc: HessianAccumulator) -> None:
         """Drops ``acc`` and its factor."""
         self.factors.pop(id(acc), None)
+        self._cross.pop(id(acc), None)
         for n in [n for n, a in self.acc.items() if a is acc]:
             del self.acc[n]
         if self._last is not None and self._last[2] is acc:

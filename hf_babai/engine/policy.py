@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..formats import get_format
-from ..solver import HessianFactor, factor_hessian, layer_damp
+from ..solver import HessianFactor, asymmetric_target, factor_hessian, layer_damp
 from ..solver.hessian import HessianAccumulator
 from ..spec import QuantSpec
 from .blocks import trim_heap
@@ -47,6 +47,8 @@ def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None
     passes otherwise (far better at 2 bits)."""
     if spec.method == "rtn":
         return False
+    if spec.asym_alpha:  # its float stream runs beside the two-pass schedule
+        return False
     if spec.true_sequential is not None:
         return spec.true_sequential
     whole = batch_size is None or batch_size >= n_samples
@@ -59,6 +61,9 @@ def solve_layer(name: str, lin: nn.Linear, hessians: BlockHessians) -> Any:
     w = lin.weight.detach().float()
     try:
         factor, hessian = hessians.factor(name, w.shape[1])
+        cross = hessians.cross_of(name)
+        if cross is not None:
+            w = asymmetric_target(w, hessian(), cross, factor.damping, spec.asym_alpha)
         solution = get_format(spec.format).solve(w, factor, spec, hessian)
     except (ValueError, torch.linalg.LinAlgError) as e:
         raise QuantizationError(f"{name}: {e}") from e

@@ -19,7 +19,7 @@ from torch import nn
 from ..formats import get_format
 from ..solver import LayerStats
 from ..spec import QuantSpec
-from .blocks import execution_device, linear_dims, move_to, replace_module, run_block
+from .blocks import _hidden, execution_device, linear_dims, move_to, replace_module, run_block
 from .distributed import Ranks, owners, solve_cost
 from .hessians import BlockHessians
 from .policy import solve_layer
@@ -41,6 +41,10 @@ class BlockJob:
     inputs: list[tuple[torch.Tensor, dict]]
     masks: list[torch.Tensor | None]
     ranks: Ranks | None = None
+    # asym_alpha: the float model's hidden states entering this block, per batch (the float stream), and, once
+    # the schedule ran, those leaving it
+    fp_inputs: list[torch.Tensor] | None = None
+    fp_outputs: list[torch.Tensor] | None = None
 
     def stats(self, solutions: dict[str, Any], tokens: dict[str, int] | None = None) -> BlockStats:
         """Each Linear's shape, solve record and the calibration tokens its Hessian saw (an MoE expert sees only
@@ -102,13 +106,19 @@ class TwoPass(Schedule):
         device = execution_device(job.block)
         solutions: dict[str, Any] = {}
         tokens: dict[str, int] = {}
-        for group in hessian_groups(job.linears, job.spec.hessian_budget_gb):  # 1
+        groups = hessian_groups(job.linears, job.spec.hessian_budget_gb)
+        if job.fp_inputs is not None:
+            job.fp_outputs = []
+        for group in groups:  # 1
             hessians = BlockHessians(job.spec)
             current: dict[str, torch.Tensor | None] = {"mask": None}
 
             def make_hook(name: str, hessians: BlockHessians = hessians, current: dict = current) -> Callable:
                 def hook(_mod: nn.Linear, args: tuple) -> None:
-                    hessians.accumulate(name, args[0], current["mask"])
+                    if current.get("float pass"):
+                        return
+                    ref = current.get("reference")
+                    hessians.accumulate(name, args[0], current["mask"], reference=None if ref is None else ref[name])
 
                 return hook
 
@@ -116,7 +126,11 @@ class TwoPass(Schedule):
             error = None
             try:
                 with torch.no_grad():
-                    for (h, kw), m in zip(job.inputs, job.masks, strict=True):
+                    for i, ((h, kw), m) in enumerate(zip(job.inputs, job.masks, strict=True)):
+                        if job.fp_inputs is not None:  # the float block on the float stream first: each X̃
+                            current["float pass"] = True
+                            current["reference"] = self._float_inputs(job, group, i, device, first=group is groups[0])
+                            current["float pass"] = False
                         hessians.new_batch()
                         current["mask"] = m
                         job.block(h.to(device), **move_to(kw, device))
@@ -141,6 +155,31 @@ class TwoPass(Schedule):
         stats = job.stats(solutions, tokens)
         job.swap_in(solutions)  # 2
         return run_block(job.block, job.inputs, device), stats  # 3
+
+    @staticmethod
+    def _float_inputs(job: BlockJob, group: list[str], i: int, device: torch.device, first: bool) -> dict:
+        """``asym_alpha``: runs the float block on the float stream's batch ``i`` and returns each Linear of
+        ``group``'s input there (X̃); in the first group, the block's output is the next block's float stream."""
+        assert job.fp_inputs is not None and job.fp_outputs is not None
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable:
+            def hook(_mod: nn.Module, args: tuple) -> None:
+                if name in seen:
+                    raise ValueError(f"asym_alpha: {name} runs twice per block forward; leave asym_alpha at 0")
+                seen[name] = args[0].detach()
+
+            return hook
+
+        handles = [job.linears[n].register_forward_pre_hook(keep(n)) for n in group]
+        try:
+            out = job.block(job.fp_inputs[i].to(device), **move_to(job.inputs[i][1], device))
+        finally:
+            for hd in handles:
+                hd.remove()
+        if first:
+            job.fp_outputs.append(_hidden(out).detach().cpu())
+        return seen
 
 
 def solve_distributed(

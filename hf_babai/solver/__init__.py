@@ -4,6 +4,7 @@
 references the solver is tested against live with the tests (``tests/oracles.py``).
 """
 
+from .asymmetric import asymmetric_target
 from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
 from .grid import Grid, compute_scales, dequantize, rtn_quantize
 from .hessian import DAMP_WIDTH, HessianAccumulator, layer_damp
@@ -17,6 +18,7 @@ __all__ = [
     "HessianFactor",
     "LayerStats",
     "QuantResult",
+    "asymmetric_target",
     "babai_order",
     "babai_quantize",
     "compute_scales",
