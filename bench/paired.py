@@ -1,4 +1,4 @@
-"""hf_babai's defaults against the peer, paired by calibration seed, from ``bench/quality.py`` JSON lines.
+"""hf_babai's defaults against the peers, paired by calibration seed, from ``bench/quality.py`` JSON lines.
 
 One calibration draw moves either tool's perplexity by 1-2 % (Qwen2.5-0.5B 3-bit g64: the peer 40.42-41.56 over
 seeds 0-3), as much as the difference between the tools, so a single-seed comparison cannot say "better". This
@@ -6,7 +6,8 @@ pairs the two tools on each seed (both quantize from the same saved windows) and
 difference with its standard error. Only records of today's defaults count on our side (act-order, the library's
 default damping, scale rule and schedule, no refinements), so older runs with other settings in the same file do
 not mix in; the peer's records are its default ``actorder=static`` with the MSE observer. Round-to-nearest on the
-same grid (no calibration, so one figure per setting) stands beside them when the files hold it.
+same grid (no calibration, so one figure per setting) stands beside them when the files hold it. The second peer,
+GPTQModel in its ``best`` preset (act-order, MSE scales), is paired with us on whichever seeds it ran.
 
 .venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown]
 """
@@ -35,6 +36,8 @@ def is_default_ours(rec: dict) -> bool:
         and rec.get("scale_method") == spec.scale_method
         and not rec.get("rescale")
         and not rec.get("refine_sweeps")
+        and rec.get("beams", 1) == 1
+        and not rec.get("asym_alpha")
         and not rec.get("skip_first_tokens")
         and rec.get("calib_batch") is None
         and rec.get("true_sequential") == uses_one_pass(spec, rec["n_calib"])
@@ -52,11 +55,18 @@ def is_default_peer(rec: dict) -> bool:
     )
 
 
+def gptqmodel_preset(rec: dict) -> str | None:
+    """The preset of a GPTQModel record (``best``, ``default``, ``best+gptaq``, ...), or None for other tools."""
+    if rec.get("tool") != "gptqmodel":
+        return None
+    return rec.get("preset", "default") + ("+gptaq" if rec.get("method") == "gptaq" else "")
+
+
 def pair(records: list[dict]) -> list[dict]:
     """One summary per (model, bits, group size, calibration size, evaluation windows) with both tools on at least
     one seed. Perplexities over different numbers of evaluation windows are different measurements (4 windows are
     the first 5 % of the book), so they are never paired with each other or with another size's RTN."""
-    runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}})
+    runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}, "gptqmodel": {}})
     rtn: dict[tuple, float] = {}
     for rec in records:
         if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn":
@@ -64,6 +74,8 @@ def pair(records: list[dict]) -> list[dict]:
                 rtn[rec["model"], rec["bits"], rec["group_size"], rec.get("windows")] = rec["ppl"]  # any seed
             continue
         side = "ours" if is_default_ours(rec) else "peer" if is_default_peer(rec) else None
+        if gptqmodel_preset(rec) == "best":  # the second peer in its best documented configuration
+            side = "gptqmodel"
         if side is None:
             continue
         calib_len = rec.get("calib_seqlen", rec.get("seqlen"))
@@ -79,11 +91,16 @@ def pair(records: list[dict]) -> list[dict]:
         peer = [sides["peer"][s] for s in seeds]
         diffs = [o / p - 1 for o, p in zip(ours, peer, strict=True)]
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        second = {s: v for s, v in sides["gptqmodel"].items() if s in sides["ours"]}
+        diffs2 = [sides["ours"][s] / v - 1 for s, v in sorted(second.items())]
         out.append({
             "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "windows": windows,
             "seeds": seeds, "rtn": rtn.get((model, bits, group, windows)),
             "ours": ours, "peer": peer, "ours_mean": statistics.fmean(ours), "peer_mean": statistics.fmean(peer),
             "rel_diff": diffs, "rel_diff_mean": statistics.fmean(diffs), "rel_diff_se": se,
+            "gptqmodel": dict(sorted(second.items())),
+            "gptqmodel_rel_diff_mean": statistics.fmean(diffs2) if diffs2 else None,
+            "gptqmodel_rel_diff_se": statistics.stdev(diffs2) / math.sqrt(len(diffs2)) if len(diffs2) > 1 else None,
         })  # fmt: skip
     return out
 
@@ -91,8 +108,8 @@ def pair(records: list[dict]) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | bits | group | calibration | eval windows | RTN | seeds | hf_babai (per seed) | "
-        "llm-compressor (per seed) | vs peer, mean ± s.e. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "llm-compressor (per seed) | vs llm-compressor, mean ± s.e. | GPTQModel best (seed: ppl) | vs GPTQModel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         group = "per-channel" if r["group_size"] == -1 else str(r["group_size"])
@@ -102,9 +119,18 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['model']} | {r['bits']} | {group} | {r['calib']} | {r['windows']} | {rtn} | "
             f"{', '.join(map(str, r['seeds']))} | "
             f"{' / '.join(f'{v:.2f}' for v in r['ours'])} | {' / '.join(f'{v:.2f}' for v in r['peer'])} | "
-            f"{100 * r['rel_diff_mean']:+.1f}{se} % |"
+            f"{100 * r['rel_diff_mean']:+.1f}{se} % | {_second(r)} |"
         )
     return "\n".join(lines)
+
+
+def _second(row: dict) -> str:
+    """The GPTQModel cells: its figure per seed it ran, and hf_babai's paired difference on those seeds."""
+    if not row["gptqmodel"]:
+        return "not run | –"
+    cells = " / ".join(f"{s}: {v:.2f}" for s, v in row["gptqmodel"].items())
+    se = "" if row["gptqmodel_rel_diff_se"] is None else f" ± {100 * row['gptqmodel_rel_diff_se']:.1f}"
+    return f"{cells} | {100 * row['gptqmodel_rel_diff_mean']:+.1f}{se} %"
 
 
 def main() -> None:

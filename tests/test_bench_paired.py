@@ -36,6 +36,7 @@ def test_only_default_records_are_paired(paired):
         _ours(0, 11.0), _ours(1, 9.0), _peer(0, 10.0), _peer(1, 10.0), _peer(2, 10.0),  # seed 2: no partner
         _ours(0, 1.0, rescale=True), _ours(0, 1.0, damp_width=0.0), _ours(0, 1.0, scale_method="hmse"),
         _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
+        _ours(0, 1.0, beams=4), _ours(0, 1.0, asym_alpha=0.25),
     ]  # fmt: skip
     rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0, windows=4)
     # a 4-bit RTN has no pair (no row); a min/max-scaled RTN is not the baseline
@@ -70,3 +71,21 @@ def test_evaluation_sizes_are_not_mixed(paired):
     assert rows[4]["ours"] == [11.0] and rows[4]["peer"] == [10.0] and rows[4]["rtn"] == 42.0
     assert rows[81]["ours"] == [30.0] and rows[81]["peer"] == [33.0] and rows[81]["rtn"] == 50.0
     assert rows[81]["seeds"] == [0]
+
+
+def test_gptqmodel_best_is_paired_on_the_seeds_it_ran(paired):
+    """The second peer's ``best`` preset is a column of its own, paired with us on its seeds; its other presets
+    (out of the box, GPTAQ) are not what the column compares against."""
+    gm = dict(model="m", tool="gptqmodel", method="gptq", preset="best", bits=3, group_size=64, n_calib=32, seqlen=512,
+              windows=4)  # fmt: skip
+    records = [
+        _ours(0, 11.0), _ours(1, 9.0), _peer(0, 10.0), _peer(1, 10.0),
+        {**gm, "calib_seed": 1, "ppl": 12.0},
+        {**gm, "calib_seed": 0, "ppl": 1.0, "preset": "default"},
+        {**gm, "calib_seed": 0, "ppl": 1.0, "method": "gptaq"},
+    ]  # fmt: skip
+    (row,) = paired.pair(records)
+    assert row["gptqmodel"] == {1: 12.0}
+    assert row["gptqmodel_rel_diff_mean"] == pytest.approx(9.0 / 12.0 - 1)
+    assert "| 1: 12.00 | -25.0 % |" in paired.markdown([row])
+    assert "| not run | – |" in paired.markdown([{**row, "gptqmodel": {}}])
