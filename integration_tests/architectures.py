@@ -144,7 +144,11 @@ FAMILY: dict[str, dict[str, Any]] = {
             "vocab_size_per_layer_input": 512,
         }
     },
-    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "gemma3n_text": {  # per-layer widths are a list; the per-layer-input vocabulary is the full one
+        "num_kv_shared_layers": 0,
+        "intermediate_size": [128, 128],
+        "vocab_size_per_layer_input": 512,
+    },
     "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}},
     "gemma4_text": {"head_dim": 16, "hidden_size_per_layer_input": 16, "global_head_dim": 16},
     **{glm: {"text_config": {"rope_parameters": _MROPE}} for glm in ("glm4v", "glm46v", "glm_ocr", "glmga")},
@@ -250,7 +254,7 @@ class Outcome:
 
 # Any other width field a config class invents (``first_dense_intermediate_size``, ``shared_expert_dim``, ...).
 _OTHER_WIDTH = re.compile(r"(intermediate|ffn|hidden|inner|mlp|expert).*(size|dim)$|^dim_(ff|model)$")
-MAX_IN_FEATURES = 4096  # a Linear wider than this after shrinking: the solver's H would not be tiny
+MAX_IN_FEATURES = 4096  # a block Linear wider than this after shrinking: the solver's H would not be tiny
 
 
 def _shrink(defaults: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +368,13 @@ def _tiny_model(arch: str, profile: dict[str, Any], ids: torch.Tensor):
     with torch.device("meta"):  # sized before any memory is spent on it
         model = build(cfg, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
-    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    from hf_babai.engine import find_blocks
+
+    try:  # the solver's Hessians are those of the decoder blocks' Linears (a float vision tower may be wider)
+        blocks = find_blocks(model)[1]
+    except ValueError:
+        blocks = model
+    widest = max((m.in_features for m in blocks.modules() if isinstance(m, torch.nn.Linear)), default=0)
     if params > MAX_PARAMS or widest > MAX_IN_FEATURES:
         raise ValueError(f"{params} parameters, Linears up to {widest} inputs after shrinking")
     torch.manual_seed(0)
@@ -374,8 +384,16 @@ def _tiny_model(arch: str, profile: dict[str, Any], ids: torch.Tensor):
     except Exception as exc:
         if not _refused(exc):
             raise
-        # it builds, and hf_babai refuses its text path by name (it needs images): the quantize step records that
+        raise _RefusedText(model) from exc  # it builds; hf_babai refuses its text path by name
     return model
+
+
+class _RefusedText(Exception):
+    """A tiny model that builds but whose forward hf_babai refuses to calibrate from text (it needs images)."""
+
+    def __init__(self, model) -> None:
+        super().__init__("refused by hf_babai")
+        self.model = model
 
 
 def _loader(arch: str, model):
@@ -398,15 +416,18 @@ def round_trip(arch: str, seconds: int = 120) -> Outcome:
     try:
         with _deadline(seconds), tempfile.TemporaryDirectory() as tmp:
             ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-            model, why = None, ""
+            model, why, refused = None, "", None
             for profile in PROFILES:  # a shrunk config the model itself cannot run is the harness's failure
                 try:
                     model = _tiny_model(arch, profile, ids)
                     break
                 except _Timeout:
                     raise
+                except _RefusedText as exc:  # another profile may still run (a rotary section written for it)
+                    refused = refused or exc.model
                 except Exception as exc:
                     why = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]  # a validator's cause: line 2
+            model = model or refused  # none runs on text, one builds: the quantize step records hf_babai's refusal
             if model is None:
                 return Outcome(arch, "no-tiny-model", "config", why)
             cls = _loader(arch, model)

@@ -22,11 +22,13 @@ RECORDED = json.loads(EXPECTED.read_text())
 # checkpoint keys, GPT-style weight init on reload, Conv1D, positional block arguments, a Linear subclass with its own
 # forward, a vision-language model, a forward that reads a weight directly, a fused q/k/v converter on save, layers of
 # mixed kinds that each get their own arguments, fused MoE experts, position tables that are not nn.Embeddings
-# (CPM-Ant's relative-position bias, Reformer's axial table), an embedding projection outside the blocks (Gemma-4))
-# and weights of an unknown kind refused by name (a second block list, experts of a layout not recognised).
+# (CPM-Ant's relative-position bias, Reformer's axial table), an embedding projection outside the blocks (Gemma-4),
+# a vision-language model whose forward needs an image, calibrated through its language model (BLIP-2)) and refusals
+# by name (weights of an unknown kind: a second block list, experts of a layout not recognised; a decoder that
+# cross-attends to the image, which text cannot calibrate: BLIP).
 FAST = (
     "llama", "gpt_neox", "exaone", "hrm_text", "gpt_bigcode", "gpt2", "cpmant", "llama4_text", "qwen2_vl", "mamba",
-    "param2moe", "gemma3", "minimax", "reformer", "gemma4_text",
+    "param2moe", "gemma3", "minimax", "reformer", "gemma4_text", "blip-2", "blip",
 )  # fmt: skip
 
 

@@ -230,11 +230,13 @@ def test_embedding_stage_position_tables_and_hyper_connections_are_kinds_kept_fl
     del model.model.layers[1].mlp.mixer
     model.model.embeddings_project = nn.Linear(32, 32)
     model.model.per_layer_model_projection = nn.Linear(32, 64)
+    model.model.altup_projections = nn.ModuleList([nn.Linear(32, 32)])  # Gemma-3n's extra residual streams
     model.model.position_table = AxialPositionEmbeddings()
     model.model.layers[0].attn_hc = StreamHyperConnection()
     kinds = {w.name: w.kind for w in weight_kinds(model, ("lm_head",))}
     assert kinds["model.embeddings_project.weight"] == "embedding projection"
     assert kinds["model.per_layer_model_projection.weight"] == "embedding projection"
+    assert kinds["model.altup_projections.0.weight"] == "embedding projection"
     assert kinds["model.position_table.weights.0"] == kinds["model.position_table.weights.1"] == "embedding"
     assert kinds["model.layers.0.attn_hc.fn"] == "hyper-connection"
 

@@ -115,17 +115,22 @@ def _head_stage(model: nn.Module, head: nn.Module | None, blocks_name: str) -> s
     return parent
 
 
-# Gemma-3n's and Gemma-4's projection of the embeddings into every layer's extra input (its name has no "embed").
-PER_LAYER_INPUT_PROJECTIONS = frozenset({"per_layer_model_projection"})
+# Gemma-3n's and Gemma-4's projection of the embeddings into every layer's extra input, and Gemma-3n's AltUp
+# projections of the embeddings into its extra residual streams and of those streams back (their names have no
+# "embed"; they run before the first block and after the last).
+PER_LAYER_INPUT_PROJECTIONS = frozenset(
+    {"per_layer_model_projection", "altup_projections", "altup_unembed_projections"}
+)
 
 
 def _embedding_stage(name: str) -> bool:
     """Whether a module outside the decoder blocks belongs to the embedding stage by its name: a projection of the
     embeddings (ELECTRA's ``embeddings_project``, RemBERT's ``embedding_hidden_mapping_in``, BLT's
-    ``patch_embedding_projection``) or Gemma's per-layer input projection. It runs before the first block, so the
+    ``patch_embedding_projection``), Gemma's per-layer input projection or Gemma-3n's AltUp projections. It runs
+    outside the blocks (before the first one; AltUp's way back after the last), so the
     block-by-block engine has no calibrated input for it; like the embeddings themselves it stays float."""
     parts = name.split(".")
-    return any("embed" in p for p in parts) or parts[-1] in PER_LAYER_INPUT_PROJECTIONS
+    return any("embed" in p or p in PER_LAYER_INPUT_PROJECTIONS for p in parts)
 
 
 def _hyper_connection(name: str, module: nn.Module) -> bool:
