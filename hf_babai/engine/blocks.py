@@ -195,10 +195,10 @@ def text_entry(
     outermost module on the way to the blocks whose forward takes ``input_ids``) is what the text would reach, and
     the vision tower and projector stay float anyway. That switch is logged, never silent. It is refused instead
     when the language model leaves Linears of its first block uncalled on text alone (a decoder that cross-attends
-    to the image encoder's outputs: BLIP's, Pix2Struct's, a VisionEncoderDecoder's), since those layers would get
-    no calibration, and when no module inside the model runs on token ids alone (IDEFICS, draft models that need
-    their main model's states). One calibration window is run for the check, up to block 0 (through it for the
-    language model)."""
+    to the image encoder's outputs: BLIP's, UDOP's, a VisionEncoderDecoder's), since those layers would get
+    no calibration, and when no module inside the model runs on token ids alone (IDEFICS, Pix2Struct, draft
+    models that need their main model's states). One calibration window is run for the check, up to block 0
+    (through it for the language model)."""
     probe_ids = input_ids[:1]  # a whole window: some models need its length (Reformer's chunks)
     probe_mask = None if attention_mask is None else attention_mask[:1]
     blocks = model.get_submodule(blocks_name)
