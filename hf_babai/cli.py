@@ -263,7 +263,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import hf_babai
-    from hf_babai.engine import LAYER_TABLE_HEADER, weight_report
+    from hf_babai.engine import LAYER_TABLE_HEADER, TOWER_BLOCK, weight_report
     from hf_babai.formats import get_format
     from hf_babai.hf.files import check_destination, staged_folder
     from hf_babai.hf.streamed import DEFAULT_SHARD, parse_size
@@ -345,8 +345,9 @@ def _quantize(args: argparse.Namespace) -> int:
     finally:  # --out holds the finished checkpoint; the exports read the mapped block files until here
         shutil.rmtree(run_dir, ignore_errors=True)
     records = hf_babai.hf.quant_log_records(model)
-    loss = sum(float(r.stats["loss"]) for r in records)
-    bound = sum(float(r.stats["bound"]) for r in records)
+    solved = [r for r in records if r.block != TOWER_BLOCK]  # a vision tower's are rounded: no loss to add up
+    loss = sum(float(r.stats["loss"]) for r in solved)
+    bound = sum(float(r.stats["bound"]) for r in solved)
     src_bytes = _dir_bytes(src) if Path(src).is_dir() else float("nan")
     spec = qcfg.spec()
     weights = weight_report(model, spec.skip)

@@ -23,6 +23,7 @@ from .solver.ordering import ORDERS
 
 METHODS = ("babai", "rtn")
 EXPERT_CALIBRATION = ("routed", "all")
+VISION_TOWER = ("float", "rtn")
 SCALE_CHOICES = (*SCALE_METHODS, "auto")
 
 
@@ -165,6 +166,12 @@ class QuantSpec:
         "MoE experts: Hessians from the tokens the router sends each expert, or from all tokens (docs/moe.md)",
         choices=EXPERT_CALIBRATION,
     )
+    vision_tower: str = _setting(
+        "float",
+        "vision-language models: the vision tower and projector (all outside the language model) stay float, or "
+        "'rtn' rounds their Linears to nearest in the same format (no calibration: hf_babai calibrates with text)",
+        choices=VISION_TOWER,
+    )
     nsamples: int = _setting(
         128,
         "calibration windows cut from a text dataset",
@@ -231,6 +238,12 @@ class QuantSpec:
             )
             allowed = f"format={self.format!r} takes one of {fmt.scale_methods} ({self.scale_method!r} is for {takers})"
             raise invalid("scale_method", self.scale_method, allowed)
+        if self.vision_tower == "rtn" and "rtn" not in fmt.methods:
+            raise invalid(
+                "vision_tower",
+                self.vision_tower,
+                f"format={self.format!r} has no round-to-nearest solve: leave vision_tower='float' for this format",
+            )
         if self.asym_alpha and (self.true_sequential or self.method != "babai"):
             raise ValueError(
                 f"asym_alpha={self.asym_alpha} fits each layer to the float model's output in the two-pass schedule "

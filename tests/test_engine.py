@@ -491,6 +491,39 @@ def test_a_model_that_needs_an_image_is_calibrated_through_its_language_model(ca
         assert torch.equal(a.proj.qweight, b.proj.qweight)
 
 
+def test_vision_tower_rtn_rounds_the_tower_and_leaves_the_language_model_as_it_was():
+    """``vision_tower="rtn"``: the Linears outside the language model are rounded to nearest (the Hessian-free
+    scale search, since text never reaches them) and recorded as such; the language model's codes are those of
+    the default run; a skipped tower stays float; a format without a round-to-nearest solve refuses the setting."""
+    from hf_babai.engine import TOWER_BLOCK, quantizable_linears
+    from hf_babai.formats import format_of, get_format
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (4, 10))
+    plain, tower = _ImageTextModel(), _ImageTextModel()
+    tower.load_state_dict(plain.state_dict())
+    vision = nn.Linear(8, 16)
+    vision.load_state_dict(plain.vision.state_dict())
+    spec = QuantSpec(bits=4, group_size=16)
+    assert "vision" not in quantizable_linears(plain, spec)
+    assert "vision" in quantizable_linears(plain, replace(spec, vision_tower="rtn"))  # the loader's rule too
+    quantize_model(plain, spec, ids, progress=False)
+    records = quantize_model(tower, replace(spec, vision_tower="rtn"), ids, progress=False)
+    assert type(plain.vision) is nn.Linear and format_of(tower.vision) is not None
+    assert [(r.block, r.name) for r in records if r.block == TOWER_BLOCK] == [(TOWER_BLOCK, "vision")]
+    rtn = replace(spec, method="rtn", scale_method="mse")
+    want = get_format("int").build(vision, get_format("int").round(vision.weight.detach(), rtn), rtn)
+    for key, t in want.state_dict().items():
+        assert torch.equal(tower.vision.state_dict()[key], t), key
+    for a, b in zip(tower.language_model.layers, plain.language_model.layers, strict=True):
+        assert torch.equal(a.proj.qweight, b.proj.qweight)
+    skipped = _ImageTextModel()
+    quantize_model(skipped, replace(spec, vision_tower="rtn", modules_to_not_convert=["vision"]), ids, progress=False)
+    assert type(skipped.vision) is nn.Linear
+    with pytest.raises(ValueError, match=r"vision_tower='rtn' is invalid; format='ssqr' has no round-to-nearest"):
+        QuantSpec(format="ssqr", outlier_rate=0.01, vision_tower="rtn")
+
+
 def test_a_decoder_that_cross_attends_to_the_image_is_refused_by_name():
     """Text alone leaves its cross-attention uncalibrated: refused, naming the layer, not rounded to nearest."""
     with pytest.raises(ValueError, match=r"does not call language_model\.layers\.0\.cross on text"):

@@ -8,6 +8,7 @@ round to nearest, as named objects with numbered steps) and :mod:`.report` (reco
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -32,19 +33,21 @@ from .blocks import (
     run_block,
     target_linears,
     text_entry,
+    tower_linears,
 )
 from .coverage import check_float_weights, float_share, weight_kinds, weight_report
 from .distributed import Ranks
 from .experts import UnfusedExperts, set_expert_calibration, unfuse_experts
 from .hessians import BlockHessians, capture_hessians
 from .policy import QuantizationError, layer_damping, solve_layer, uses_one_pass
-from .report import LAYER_TABLE_HEADER, LayerRecord, log_layer, write_log
+from .report import LAYER_TABLE_HEADER, TOWER_BLOCK, LayerRecord, log_layer, write_log
 from .resume import BlockStore, run_identity
 from .routers import expose_routers, router_linears
 from .schedules import BlockJob, OnePass, RoundToNearest, Schedule, TwoPass, run_schedule, schedule_for
 
 __all__ = [
     "LAYER_TABLE_HEADER",
+    "TOWER_BLOCK",
     "BlockHessians",
     "BlockJob",
     "BlockStore",
@@ -71,11 +74,13 @@ __all__ = [
     "quantizable_linears",
     "quantize_model",
     "replace_module",
+    "round_towers",
     "router_linears",
     "run_identity",
     "solve_layer",
     "target_linears",
     "text_entry",
+    "tower_linears",
     "unfuse_experts",
     "uses_one_pass",
     "weight_kinds",
@@ -92,11 +97,7 @@ def warn_narrow_layers(model: nn.Module, spec: QuantSpec) -> list[str]:
     change of grid is never silent; returns their names."""
     if spec.group_size == -1:
         return []
-    narrow = [
-        n
-        for n, lin in quantizable_linears(model, spec.skip, spec.quantize_router).items()
-        if linear_dims(lin)[0] < spec.group_size
-    ]
+    narrow = [n for n, lin in quantizable_linears(model, spec).items() if linear_dims(lin)[0] < spec.group_size]
     if narrow:
         shown = ", ".join(narrow[:5]) + (f" and {len(narrow) - 5} more" if len(narrow) > 5 else "")
         log.warning(
@@ -229,6 +230,36 @@ def quantize_model(
         if not rtn:
             bar.set_postfix(loss=f"{total_loss:.4g}")
         release_freed_memory()
+    if spec.vision_tower == "rtn":
+        records += round_towers(model, spec)
     if log_path is not None and (ranks is None or ranks.rank == 0):
         write_log(records, log_path)
     return records
+
+
+def round_towers(model: nn.Module, spec: QuantSpec) -> list[LayerRecord]:
+    """``vision_tower="rtn"``: rounds every Linear outside the language model (:func:`.blocks.tower_linears`) to
+    nearest in ``spec``'s format and grid, in place; their records carry block ``TOWER_BLOCK``.
+
+    Calibration text never reaches a vision tower, so its Linears have no Hessian: they are rounded with the
+    Hessian-free scale search (``mse`` where the spec's ``auto``/``hmse`` weigh by ``diag H``), and said so in the
+    log. Image-text calibration would give them the nearest-plane solve instead (``docs/usage.md``)."""
+    linears = tower_linears(model, spec.skip)
+    if not linears:
+        return []
+    for name in linears:
+        onload_block(model.get_submodule(name))
+    linearize_conv1d(model, set(linears))
+    linears = tower_linears(model, spec.skip)
+    scale = "mse" if spec.scale_method in ("auto", "hmse") else spec.scale_method
+    rtn = dataclasses.replace(spec, method="rtn", scale_method=scale, asym_alpha=0.0, true_sequential=None)
+    log.info(
+        "vision_tower='rtn': rounding %d Linears outside the language model to nearest (scale search %s, no "
+        "calibration)", len(linears), scale,
+    )  # fmt: skip
+    _, stats = run_schedule(RoundToNearest(), BlockJob(model, TOWER_BLOCK, linears, rtn, [], []))
+    done = [LayerRecord(TOWER_BLOCK, name, *shape, seen, st.as_dict()) for name, (shape, st, seen) in stats.items()]
+    for rec in done:
+        log_layer(rec)
+    release_freed_memory()
+    return done

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import format_of
+from ..spec import QuantSpec
 from .routers import router_linears
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def linearize_conv1d(block: nn.Module) -> None:
-    """Replaces every Conv1D of ``block`` by the ``nn.Linear`` computing the same (weight transposed), so the
-    engine quantizes it like any Linear; the quantized module then stands where the Conv1D stood, which is also
-    where the loader puts it when the checkpoint is reloaded into the original class."""
+def linearize_conv1d(block: nn.Module, names: set[str] | None = None) -> None:
+    """Replaces every Conv1D of ``block`` (those named in ``names``, if given) by the ``nn.Linear`` computing the
+    same (weight transposed), so the engine quantizes it like any Linear; the quantized module then stands where the
+    Conv1D stood, which is also where the loader puts it when the checkpoint is reloaded into the original class."""
     for name, mod in list(block.named_modules()):
-        if not is_conv1d(mod):
+        if not is_conv1d(mod) or (names is not None and name not in names):
             continue
         n_in, n_out = linear_dims(mod)
         w = mod.weight
@@ -141,15 +142,50 @@ def target_linears(
     return out
 
 
-def quantizable_linears(model: nn.Module, skip: tuple[str, ...], routers: bool = False) -> dict[str, nn.Linear]:
+def quantizable_linears(model: nn.Module, spec: QuantSpec) -> dict[str, nn.Linear]:
     """Every Linear the engine quantizes, by full module name: the Linears inside the decoder blocks minus the
-    ``skip`` substrings (and the routers' unless ``routers``). Quantize-on-load and pre-quantized loading both use
-    this one rule, so a checkpoint's packed modules are exactly the ones its loader rebuilds."""
+    ``spec.skip`` substrings (and the routers' unless ``spec.quantize_router``), then, with
+    ``spec.vision_tower="rtn"``, those outside the language model (:func:`tower_linears`). Quantize-on-load and
+    pre-quantized loading both use this one rule, so a checkpoint's packed modules are exactly the ones its loader
+    rebuilds."""
     name, blocks = find_blocks(model)
-    return {
+    out = {
         f"{name}.{i}.{n}": lin
         for i, block in enumerate(blocks)
-        for n, lin in target_linears(block, skip, f"{name}.{i}", routers).items()
+        for n, lin in target_linears(block, spec.skip, f"{name}.{i}", spec.quantize_router).items()
+    }
+    if spec.vision_tower == "rtn":
+        out.update(tower_linears(model, spec.skip))
+    return out
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head: the model's own, else its language model's (BLIP names none at the top)."""
+    root = _language_model(model)
+    for owner in (model, model.get_submodule(root) if root else None):
+        head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
+        if head is not None:
+            return head
+    return None
+
+
+def tower_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """The Linears of a vision-language model outside its language model (vision tower, projector, any other
+    encoder), by full name, minus the output head and the ``skip`` substrings; none for a text-only model (one
+    whose ``get_decoder()`` names no submodule). Calibration text never reaches them, so they are only ever
+    rounded to nearest (``QuantSpec.vision_tower``)."""
+    root = _language_model(model)
+    if not root:
+        return {}
+    head = output_head(model)
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if not n.startswith(root + ".")
+        and m is not head
+        and is_quantizable(m)
+        and format_of(m) is None
+        and not any(s in n for s in skip)
     }
 
 

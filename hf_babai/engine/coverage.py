@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import _language_model, find_blocks, is_quantizable
+from .blocks import _language_model, find_blocks, is_quantizable, output_head
 from .experts import UnfusedExperts, is_fused_experts
 from .routers import is_router, router_linears
 
@@ -45,7 +45,7 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
     for m in model.modules():  # a position table that is not an nn.Embedding (Reformer's axial one) is one too
         if re.search(r"position(al)?embedding", type(m).__name__.lower()):
             embeddings |= {id(sub) for sub in m.modules()}
-    head = _output_head(model, root)
+    head = output_head(model)
     head_stage = _head_stage(model, head, blocks_name)
     routers = router_linears(model)
     out: list[FloatWeight] = []
@@ -86,15 +86,6 @@ def weight_kinds(model: nn.Module, skip: tuple[str, ...]) -> list[FloatWeight]:
                 kind = UNKNOWN
             out.append(FloatWeight(full, tuple(t.shape), kind))
     return out
-
-
-def _output_head(model: nn.Module, root: str) -> nn.Module | None:
-    """The output head: the model's own, else its language model's (BLIP names none at the top)."""
-    for owner in (model, model.get_submodule(root) if root else None):
-        head = owner.get_output_embeddings() if hasattr(owner, "get_output_embeddings") else None
-        if head is not None:
-            return head
-    return None
 
 
 def _under(name: str, prefix: str | None) -> bool:

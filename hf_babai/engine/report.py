@@ -13,6 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: the block index of a Linear outside the language model (a vision tower's, rounded to nearest: no calibration)
+TOWER_BLOCK = -1
+
 
 @dataclass
 class LayerRecord:

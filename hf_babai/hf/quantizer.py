@@ -71,7 +71,7 @@ def replace_with_quantized_modules(model: nn.Module, cfg: BabaiConfig) -> dict[s
     if spec.quantize_router:  # and so were the routers of the decoder blocks, each through a child Linear
         for block in find_blocks(model)[1]:
             expose_routers(block)
-    linears = quantizable_linears(model, spec.skip, spec.quantize_router)
+    linears = quantizable_linears(model, spec)
     if fmt.sized_by_data:
         missing = sorted(set(linears) - set(cfg.layers or {}))
         if missing:
