@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..solver import HessianAccumulator, HessianFactor
+from ..solver import HessianAccumulator, HessianFactor, kept_rows
 from ..spec import QuantSpec
 from .policy import factor_layer
 
@@ -67,10 +67,7 @@ class BlockHessians:
                     f"asym_alpha: {name} sees {tuple(x.shape)} inputs in the quantized model but "
                     f"{tuple(reference.shape)} in the float one (a routed MoE expert): leave asym_alpha at 0"
                 )
-            rows, ref = x.reshape(-1, x.shape[-1]).double(), reference.reshape(-1, x.shape[-1]).double()
-            if m is not None:
-                keep = m.reshape(-1).to(rows.device).bool()
-                rows, ref = rows[keep], ref[keep]
+            rows, ref = kept_rows(x, m).double(), kept_rows(reference, m).double()
             cross = self._cross.setdefault(id(acc), torch.zeros_like(acc.high))
             cross.addmm_((ref - rows).t(), rows)
         self._last = (x, x._version, acc)

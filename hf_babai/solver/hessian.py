@@ -30,6 +30,14 @@ MAX_SUMMANDS = 2 ** (53 - BIN_BITS) - 1
 FLOOR = -5  # the lowest level: below that of any normal float32 (float32 subnormals round to 0 on it)
 
 
+def kept_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x [..., c]`` as ``[N, c]``, less those where ``mask`` (``x``'s shape without its last dimension)
+    is 0: the padded positions no Hessian or cross term may see. One rule, so every sum over calibration tokens
+    keeps the same ones."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).to(device=rows.device).bool()]
+
+
 def levels(x: torch.Tensor) -> torch.Tensor:
     """The top level (int8) for each of the float32 values ``x`` ≥ 0: the smallest ``k ≥ FLOOR`` with
     ``2^(BIN_BITS·(k+1)) ≥ 2^(e+1)`` where ``x < 2^e`` (``e`` read from the exponent bits), so that every value
@@ -94,8 +102,7 @@ class HessianAccumulator:
             self._add_rows(x.reshape(-1, self.in_features), None if mask is None else mask.reshape(-1))
 
     def _add_rows(self, rows: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            rows = rows[mask.to(device=rows.device).bool()]
+        rows = kept_rows(rows, mask)
         c = self.in_features
         for start in range(0, rows.shape[0], self.chunk_rows):
             chunk = rows[start : start + self.chunk_rows].float()
