@@ -560,3 +560,29 @@ def test_asymmetric_calibration_moves_only_the_blocks_whose_inputs_drifted():
         QuantSpec(bits=3, asym_alpha=0.25, true_sequential=True)
     with pytest.raises(ValueError, match=r"asym_alpha=1\.5 is invalid"):
         QuantSpec(asym_alpha=1.5)
+
+
+def test_an_asymmetric_run_resumes_to_the_codes_of_an_uninterrupted_one(tmp_path):
+    """A resumed asym_alpha run rebuilds its float stream by running each finished block in float before loading
+    its quantized version, so block 1's target is moved exactly as in one run (a stream taken from the quantized
+    blocks instead would move it differently)."""
+    from hf_babai.engine import BlockStore, run_identity
+
+    ids, spec = calib(), QuantSpec(bits=3, group_size=16, asym_alpha=0.25)
+    reference = tiny_llama()
+    quantize_model(reference, spec, ids, progress=False)
+    crashed = tiny_llama()
+
+    def crash(*_):
+        raise ValueError("crash")
+
+    crashed.model.layers[1].register_forward_pre_hook(crash)
+    store = BlockStore(tmp_path / "run", run_identity(crashed, spec, ids, 2), resume=False)
+    with pytest.raises(ValueError, match="crash"):
+        quantize_model(crashed, spec, ids, progress=False, store=store)
+    resumed = tiny_llama()
+    store = BlockStore(tmp_path / "run", run_identity(resumed, spec, ids, 2), resume=True)
+    assert store.finished == 1
+    quantize_model(resumed, spec, ids, progress=False, store=store)
+    want, got = codes_of(reference), codes_of(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -148,10 +148,10 @@ def quantize_model(
             f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
             "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
         )
-    if spec.asym_alpha and (ranks is not None or (store is not None and store.finished)):
+    if spec.asym_alpha and ranks is not None:
         raise ValueError(
-            f"asym_alpha={spec.asym_alpha} runs a float stream beside the blocks, which neither a distributed run nor "
-            "a resumed one carries: run it in one process from the start (a new run_dir), or leave asym_alpha at 0"
+            f"asym_alpha={spec.asym_alpha} runs a float stream beside the blocks, which a distributed run does not "
+            "carry: run it in one process, or leave asym_alpha at 0"
         )
     if ranks is not None:  # each rank forwards its share of the samples: one forward never sees them all
         if spec.true_sequential:
@@ -197,7 +197,10 @@ def quantize_model(
         if spec.quantize_router:
             expose_routers(block)
         if store is not None and b < store.finished:  # done by the interrupted run: rebuilt, then run for the
-            loaded = store.load(b, block, spec, f"{blocks_name}.{b}")  # next block's inputs, as it did
+            if float_stream is not None:  # next block's inputs, as it did (the float stream first, in float)
+                float_stream = run_block(block, [(f, kw) for f, (_, kw) in zip(float_stream, inputs, strict=True)],
+                                         execution_device(block))  # fmt: skip
+            loaded = store.load(b, block, spec, f"{blocks_name}.{b}")
             records += loaded
             total_loss += sum(float(r.stats["loss"]) for r in loaded)
             if not rtn:
