@@ -9,7 +9,10 @@ not mix in; the peer's records are its default ``actorder=static`` with the MSE 
 same grid (no calibration, so one figure per setting) stands beside them when the files hold it. The second peer,
 GPTQModel in its ``best`` preset (act-order, MSE scales), is paired with us on whichever seeds it ran.
 
-.venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown]
+.venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown] [--ours asym_alpha=0.25]
+
+``--ours SETTING=VALUE`` pairs an option instead of the defaults: the records that ran with the defaults plus that
+setting (and what it implies: ``asym_alpha`` runs two passes).
 """
 
 from __future__ import annotations
@@ -24,20 +27,21 @@ from pathlib import Path
 from hf_babai.engine import QuantSpec, uses_one_pass
 
 
-def is_default_ours(rec: dict) -> bool:
-    """Whether an hf_babai record ran with every library default for its bits and group size."""
+def is_default_ours(rec: dict, settings: dict | None = None) -> bool:
+    """Whether an hf_babai record ran with every library default for its bits and group size, less ``settings``
+    (``--ours asym_alpha=0.25``: the defaults plus that option, and whatever it implies, e.g. two passes)."""
     if rec.get("tool") != "hf_babai" or rec.get("method") != "babai" or rec.get("order") != "act-order":
         return False
-    spec = QuantSpec(bits=rec["bits"], group_size=rec["group_size"])
+    spec = QuantSpec(bits=rec["bits"], group_size=rec["group_size"], **(settings or {}))
     return (
         rec.get("sym", True)
         and rec.get("damp_width") is not None
         and math.isclose(rec["damp_width"], spec.damp_width)
         and rec.get("scale_method") == spec.scale_method
-        and not rec.get("rescale")
-        and not rec.get("refine_sweeps")
-        and rec.get("beams", 1) == 1
-        and not rec.get("asym_alpha")
+        and bool(rec.get("rescale")) == spec.rescale
+        and (rec.get("refine_sweeps") or 0) == spec.refine_sweeps
+        and rec.get("beams", 1) == spec.beams
+        and math.isclose(rec.get("asym_alpha") or 0.0, spec.asym_alpha)
         and not rec.get("skip_first_tokens")
         and rec.get("calib_batch") is None
         and rec.get("true_sequential") == uses_one_pass(spec, rec["n_calib"])
@@ -62,9 +66,10 @@ def gptqmodel_preset(rec: dict) -> str | None:
     return rec.get("preset", "default") + ("+gptaq" if rec.get("method") == "gptaq" else "")
 
 
-def pair(records: list[dict]) -> list[dict]:
+def pair(records: list[dict], settings: dict | None = None) -> list[dict]:
     """One summary per (model, bits, group size, calibration size, evaluation windows) with both tools on at least
-    one seed. Perplexities over different numbers of evaluation windows are different measurements (4 windows are
+    one seed; our side is the defaults, or the defaults with ``settings`` (:func:`is_default_ours`). Perplexities
+    over different numbers of evaluation windows are different measurements (4 windows are
     the first 5 % of the book), so they are never paired with each other or with another size's RTN."""
     runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}, "gptqmodel": {}})
     rtn: dict[tuple, float] = {}
@@ -73,7 +78,7 @@ def pair(records: list[dict]) -> list[dict]:
             if rec.get("sym", True) and rec.get("scale_method") in (None, "mse"):  # RTN's default grid and scales
                 rtn[rec["model"], rec["bits"], rec["group_size"], rec.get("windows")] = rec["ppl"]  # any seed
             continue
-        side = "ours" if is_default_ours(rec) else "peer" if is_default_peer(rec) else None
+        side = "ours" if is_default_ours(rec, settings) else "peer" if is_default_peer(rec) else None
         if gptqmodel_preset(rec) == "best":  # the second peer in its best documented configuration
             side = "gptqmodel"
         if side is None:
@@ -137,9 +142,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--markdown", action="store_true", help="a Markdown table instead of JSON lines")
+    ap.add_argument(
+        "--ours",
+        nargs="+",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="pair the defaults with these settings changed instead (a JSON value each, e.g. asym_alpha=0.25)",
+    )
     args = ap.parse_args()
+    settings = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.ours)}
     records = [json.loads(ln) for path in args.files for ln in Path(path).read_text().splitlines() if ln.strip()]
-    rows = pair(records)
+    rows = pair(records, settings)
     if args.markdown:
         print(markdown(rows))
     else:

@@ -57,6 +57,19 @@ def test_two_bit_default_is_two_passes(paired):
     assert paired.is_default_ours(_ours(0, 1.0, true_sequential=False, **two_bit))
 
 
+def test_an_option_is_paired_in_place_of_the_defaults(paired):
+    """``--ours asym_alpha=0.25``: the records with that option (and the two passes it forces) are our side; the
+    default records and those of other options are not."""
+    asym = _ours(0, 9.0, asym_alpha=0.25, true_sequential=False)
+    others = [_ours(0, 1.0, asym_alpha=0.25), _ours(0, 2.0, asym_alpha=0.5, true_sequential=False)]
+    others.append(_ours(0, 3.0, asym_alpha=0.25, true_sequential=False, beams=4))
+    records = [_ours(0, 11.0), asym, *others, _peer(0, 10.0)]
+    (row,) = paired.pair(records, {"asym_alpha": 0.25})
+    assert row["ours"] == [9.0] and row["rel_diff"] == pytest.approx([-0.1])
+    (row,) = paired.pair(records)
+    assert row["ours"] == [11.0]
+
+
 def test_evaluation_sizes_are_not_mixed(paired):
     """A full-book evaluation (81 windows) is a different measurement from the 4-window one: separate rows, each
     with its own RTN, and an ours/peer pair only within one size."""
