@@ -103,6 +103,9 @@ _INKLING2 = {**_INKLING, "unpadded_vocab_size": 512}
 _PER_TYPE_ROPE = {t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")}
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # 16-wide heads' halves
 _NEMOTRON_H = {"head_dim": 16, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1}
+# Florence-2's DaViT stages are lists (the shrinking changes ints only); its projection feeds the 64-wide text model
+_DAVIT = {"depths": [1] * 4, "embed_dim": [16, 16, 32, 32], "num_heads": [1, 1, 2, 2], "num_groups": [1, 1, 2, 2]}
+_DAVIT["projection_dim"] = 64
 # Fields a family's config derives from its full size, or validates against its layer count, that the generic
 # shrinking cannot know: set for that architecture on top of every profile.
 FAMILY: dict[str, dict[str, Any]] = {
@@ -232,6 +235,8 @@ FAMILY: dict[str, dict[str, Any]] = {
     },
     # as from_encoder_decoder_pretrained builds it: a text decoder that cross-attends to the image encoder
     "vision-encoder-decoder": {"decoder": {"is_decoder": True, "add_cross_attention": True}},
+    "ernie4_5_vl_moe": {"text_config": {"moe_intermediate_size": [128, 64], "moe_k": 2}},  # per-modality experts
+    "florence2": {"vision_config": _DAVIT},
     "xlm": {"emb_dim": 64},
     "xmod": {"default_language": "en_XX"},  # its adapters need a language (users call set_default_language)
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["mamba", "hybrid", "hybrid"]},
@@ -266,6 +271,16 @@ def _shrink(defaults: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def _shrink_sub(sub: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """A sub-config's sizes (and which class), and those of the configs nested in it (PI0's VLM holds a vision and a
+    text config, DeepSeek-OCR-2's vision config a SAM and an encoder config: each names its ``model_type``)."""
+    out = {**{k: sub[k] for k in ("model_type",) if k in sub}, **_shrink(sub, profile)}
+    for k, v in sub.items():
+        if isinstance(v, dict) and "model_type" in v:
+            out[k] = _shrink_sub(v, profile)
+    return out
+
+
 def tiny_config(arch: str, profile: dict[str, Any] | None = None):
     """The config of ``arch`` with every declared size field made tiny (sub-configs too)."""
     from transformers import CONFIG_MAPPING
@@ -279,7 +294,7 @@ def tiny_config(arch: str, profile: dict[str, Any] | None = None):
     for key in getattr(cls, "sub_configs", {}) or {}:
         sub = defaults.get(key)
         if isinstance(sub, dict):  # only the sizes (and which class): derived fields then follow them
-            kwargs[key] = {**{k: sub[k] for k in ("model_type",) if k in sub}, **_shrink(sub, profile or {})}
+            kwargs[key] = _shrink_sub(sub, profile or {})
     for key, value in FAMILY.get(arch, {}).items():  # a family's own fields, set as they are
         kwargs[key] = {**kwargs.get(key, {}), **value} if isinstance(value, dict) else value
     return cls(**kwargs)
