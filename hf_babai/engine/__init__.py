@@ -246,7 +246,7 @@ def round_towers(model: nn.Module, spec: QuantSpec) -> list[LayerRecord]:
 
     Calibration text never reaches a vision tower, so its Linears have no Hessian: they are rounded with the
     Hessian-free scale search (``mse`` where the spec's ``auto``/``hmse`` weigh by ``diag H``), and said so in the
-    log. Image-text calibration would give them the nearest-plane solve instead (``docs/usage.md``)."""
+    log. Image-text calibration would give them the nearest-plane solve instead (``docs/architectures.md``)."""
     linears = tower_linears(model, spec.skip)
     if not linears:
         return []
