@@ -112,7 +112,7 @@ class QuantSpec:
     asym_alpha: float = _setting(
         0.0,
         "GPTAQ asymmetric calibration: move each Linear's target this fraction of the way to the float model's "
-        "output (0 = off; GPTAQ's default 0.25; two passes, one process)",
+        "output (0 = off; GPTAQ's default 0.25)",
         allowed="use a float in [0, 1] (0 = off; GPTAQ's default is 0.25)",
         valid=lambda v: _real(v) and 0 <= v <= 1,
     )
@@ -244,10 +244,10 @@ class QuantSpec:
                 self.vision_tower,
                 f"format={self.format!r} has no round-to-nearest solve: leave vision_tower='float' for this format",
             )
-        if self.asym_alpha and (self.true_sequential or self.method != "babai"):
+        if self.asym_alpha and self.method != "babai":
             raise ValueError(
-                f"asym_alpha={self.asym_alpha} fits each layer to the float model's output in the two-pass schedule "
-                "with calibration: use method='babai' and leave true_sequential unset (or False)"
+                f"asym_alpha={self.asym_alpha} fits each layer to the float model's output, which needs calibration "
+                f"and the nearest-plane solve: use method='babai' or leave asym_alpha at 0"
             )
         if self.true_sequential and self.batch_size is not None:
             raise ValueError(

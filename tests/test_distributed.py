@@ -200,6 +200,37 @@ def test_four_ranks_with_uneven_shares(tmp_path):
     assert all(r["digest"] == _digest(model) for r in got)
 
 
+def _asym_worker(rank: int, world: int, folder: str, _unused: int) -> None:
+    import torch.distributed as dist
+
+    from hf_babai.engine import quantize_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = _model()
+        quantize_model(model, _spec(asym_alpha=0.25), IDS, progress=False)
+        (Path(folder) / f"rank-{rank}.json").write_text(json.dumps({"digest": _digest(model)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_asymmetric_calibration_on_two_ranks_gives_the_single_process_model(tmp_path):
+    """``asym_alpha``: each rank carries the float stream of its own samples and the cross terms are exact sums
+    reduced with the Hessians, so two ranks (and one sample per forward) give the single process's model, which
+    differs from the plain run's."""
+    from hf_babai.engine import quantize_model
+
+    torch.set_num_threads(1)
+    model, batched, plain = _model(), _model(), _model()
+    quantize_model(model, _spec(asym_alpha=0.25), IDS, progress=False)
+    quantize_model(batched, _spec(asym_alpha=0.25, batch_size=1), IDS, progress=False)
+    quantize_model(plain, _spec(), IDS, progress=False)
+    assert _digest(batched) == _digest(model) != _digest(plain)
+    mp.spawn(_asym_worker, args=(2, str(tmp_path), -1), nprocs=2, join=True)
+    assert all(json.loads((tmp_path / f"rank-{r}.json").read_text())["digest"] == _digest(model) for r in range(2))
+
+
 def _moe():
     from integration_tests.architectures import _tiny_model
 

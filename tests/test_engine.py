@@ -557,9 +557,29 @@ def test_asymmetric_calibration_moves_only_the_blocks_whose_inputs_drifted():
     assert all(torch.equal(c_zero[k], c_asym[k]) for k in first)
     assert any(not torch.equal(c_zero[k], c_asym[k]) for k in later)
     with pytest.raises(ValueError, match=r"asym_alpha=0\.25 fits each layer to the float model's output"):
-        QuantSpec(bits=3, asym_alpha=0.25, true_sequential=True)
+        QuantSpec(bits=3, asym_alpha=0.25, method="rtn")
     with pytest.raises(ValueError, match=r"asym_alpha=1\.5 is invalid"):
         QuantSpec(asym_alpha=1.5)
+
+
+def test_asymmetric_calibration_in_one_pass():
+    """``asym_alpha`` with ``true_sequential=True``: one float forward per block keeps every Linear's float input,
+    then the one-pass schedule solves each Linear against its moved target. Block 0's q/k/v read the model's own
+    embeddings (no drift yet: their codes equal the plain one-pass run's); its o_proj already reads the quantized
+    attention's output, so it moves, as do later blocks; and the result differs from the two-pass asymmetric run's
+    (whose Linears' inputs come from the float block)."""
+    ids = calib()
+    plain, one, two = tiny_llama(), tiny_llama(), tiny_llama()
+    quantize_model(plain, QuantSpec(bits=3, group_size=16, true_sequential=True), ids, progress=False)
+    quantize_model(one, QuantSpec(bits=3, group_size=16, asym_alpha=0.25, true_sequential=True), ids, progress=False)
+    quantize_model(two, QuantSpec(bits=3, group_size=16, asym_alpha=0.25), ids, progress=False)
+    c_plain, c_one, c_two = codes_of(plain), codes_of(one), codes_of(two)
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    moved = [k for k in c_plain if k not in qkv]
+    assert all(torch.equal(c_plain[k], c_one[k]) for k in qkv)
+    assert not torch.equal(c_plain["model.layers.0.self_attn.o_proj"], c_one["model.layers.0.self_attn.o_proj"])
+    assert any(not torch.equal(c_plain[k], c_one[k]) for k in moved if ".layers.1." in k)
+    assert any(not torch.equal(c_two[k], c_one[k]) for k in moved)
 
 
 def test_an_asymmetric_run_resumes_to_the_codes_of_an_uninterrupted_one(tmp_path):

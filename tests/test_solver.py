@@ -256,6 +256,55 @@ def test_hessian_sum_is_exact_and_independent_of_order_and_split():
         HessianAccumulator(2).add(torch.tensor([[3e38, 1.0]]))
 
 
+def test_cross_sum_is_exact_independent_of_order_and_split_and_not_symmetric():
+    """GPTAQ's cross term ``Σ AᵀB`` (not symmetric) is summed like the Hessian: one call, one sample at a time in
+    reverse, or partial sums merged in any order give the same bits, equal to the correctly rounded sum of each
+    sample's float32 ``AᵀB`` rounded onto its row's final grid (each row's own level, not the max of row and
+    column); it is within 2⁻³³ of each row's largest entry of the float64 sum, and masked positions drop out."""
+    import math
+
+    from hf_babai.solver import CrossAccumulator
+    from hf_babai.solver.hessian import BIN_BITS
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(8, 5, 6, generator=g) * torch.logspace(-3, 3, 6)
+    b = torch.randn(8, 5, 6, generator=g) * torch.logspace(2, -2, 6)
+    a[5] *= 1e4  # a late, larger sample raises the grid
+    whole = CrossAccumulator(6)
+    whole.add(a, b)
+    backwards = CrossAccumulator(6)
+    for i in reversed(range(8)):
+        backwards.add(a[i : i + 1], b[i : i + 1])
+    parts = [CrossAccumulator(6) for _ in range(2)]
+    parts[0].add(a[4:], b[4:])
+    parts[1].add(a[:4], b[:4])
+    parts[1].merge(parts[0])
+    assert torch.equal(whole.sum, backwards.sum) and torch.equal(whole.sum, parts[1].sum)
+    summands = [(a[i].T @ b[i]).double() for i in range(8)]
+    q = 2.0 ** (BIN_BITS * (whole.level.double() - 1))[:, None].expand(6, 6)  # row i's grid alone
+    expect = torch.tensor(
+        [[math.fsum(float(torch.round(s[r, c] / q[r, c]) * q[r, c]) for s in summands) for c in range(6)]
+         for r in range(6)],
+        dtype=torch.float64,
+    )  # fmt: skip
+    assert torch.equal(whole.sum, expect)
+    exact = sum(summands)
+    assert not torch.allclose(exact, exact.T)
+    rowmax = torch.stack([s.abs().amax(1) for s in summands]).amax(0)
+    assert bool(((whole.sum - exact).abs() <= 10 * 2.0**-33 * rowmax[:, None]).all())
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[2, 3:] = 0
+    masked = CrossAccumulator(6)
+    masked.add(a, b, mask)
+    keep = mask.reshape(-1).bool()
+    ra, rb = a.reshape(-1, 6)[keep].double(), b.reshape(-1, 6)[keep].double()
+    assert masked.n == 38
+    want = 2 * ra.T @ rb / 38  # within float32 products' rounding of each row's largest entry
+    assert bool(((masked.finalize() - want).abs() <= 1e-6 * want.abs().amax(1, keepdim=True)).all())
+    with pytest.raises(ValueError, match="pairs inputs of one shape"):
+        CrossAccumulator(6).add(a, b[:, :4])
+
+
 def test_scales_are_fp16_exact_and_mse_not_worse_than_minmax():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(8, 576, generator=g) * 0.02

@@ -148,11 +148,6 @@ def quantize_model(
             f"true_sequential=True quantizes inside one forward of all {n} calibration samples, but batch_size={bs} "
             "splits them; leave batch_size unset or use true_sequential=False (the two-pass schedule)"
         )
-    if spec.asym_alpha and ranks is not None:
-        raise ValueError(
-            f"asym_alpha={spec.asym_alpha} runs a float stream beside the blocks, which a distributed run does not "
-            "carry: run it in one process, or leave asym_alpha at 0"
-        )
     if ranks is not None:  # each rank forwards its share of the samples: one forward never sees them all
         if spec.true_sequential:
             raise ValueError(

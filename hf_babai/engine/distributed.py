@@ -9,7 +9,9 @@ results; every rank swaps them in and propagates its own samples through the qua
 The result equals the single-process run's, bit for bit: each rank's batches are forwarded exactly as one process
 would forward them (a sample's activations do not depend on which other samples share its batch), and the
 Hessian sums are exact (:mod:`hf_babai.solver.hessian`), so neither the split nor the order of the reduction can
-change them. The same code runs on gloo (CPU) and NCCL (GPU); only rank 0 writes files.
+change them. ``asym_alpha`` runs the same way: each rank carries the float stream of its own samples, and the
+cross terms, exact sums too, are reduced onto the owners beside the Hessians. The same code runs on gloo (CPU)
+and NCCL (GPU); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ class Ranks:
             r, msg = failed[0]
             raise RuntimeError(f"rank {r} failed: {msg}")
 
-    def reduce(self, acc: HessianAccumulator | None, in_features: int, owner: int) -> HessianAccumulator | None:
-        """The sum of every rank's partial Hessian, on ``owner`` (``None`` elsewhere). The bins are first moved to
-        the largest row levels any rank reached, so the summed bins are exact whatever order the backend adds
+    def reduce(
+        self, acc: HessianAccumulator | None, in_features: int, owner: int, kind: type = HessianAccumulator
+    ) -> HessianAccumulator | None:
+        """The sum of every rank's partial Hessian (or other binned sum of that ``kind``: ``asym_alpha``'s
+        :class:`~hf_babai.solver.CrossAccumulator`), on ``owner`` (``None`` elsewhere). The bins are first moved
+        to the largest row levels any rank reached, so the summed bins are exact whatever order the backend adds
         them in."""
         dist = torch.distributed
-        acc = acc if acc is not None else HessianAccumulator(in_features)
+        acc = acc if acc is not None else kind(in_features)
         counts = torch.tensor([acc.n, acc.summands], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
         level = acc.level.to(self.device, torch.int32)  # gloo has no int8 MAX

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..solver import HessianAccumulator, HessianFactor, kept_rows
+from ..solver import CrossAccumulator, HessianAccumulator, HessianFactor
 from ..spec import QuantSpec
 from .policy import factor_layer
 
@@ -30,8 +30,9 @@ class BlockHessians:
         self.factors: dict[int, HessianFactor] = {}  # by id() of the accumulator they factor
         self.tokens: dict[str, int] = {}  # calibration tokens behind each factored Linear's Hessian
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
-        # asym_alpha: (2/n) Σ (X̃ − X)ᵀ X of each Linear (X̃ its input in the float model), shared like its Hessian
-        self._cross: dict[int, torch.Tensor] = {}
+        # asym_alpha: Σ (X̃ − X)ᵀ X of each Linear (X̃ its input in the float model), by id() of its Hessian's
+        # accumulator: shared like the Hessian
+        self.cross: dict[int, CrossAccumulator] = {}
 
     def accumulate(
         self,
@@ -67,16 +68,15 @@ class BlockHessians:
                     f"asym_alpha: {name} sees {tuple(x.shape)} inputs in the quantized model but "
                     f"{tuple(reference.shape)} in the float one (a routed MoE expert): leave asym_alpha at 0"
                 )
-            rows, ref = kept_rows(x, m).double(), kept_rows(reference, m).double()
-            cross = self._cross.setdefault(id(acc), torch.zeros_like(acc.high))
-            cross.addmm_((ref - rows).t(), rows)
+            cross = self.cross.setdefault(id(acc), CrossAccumulator(x.shape[-1]))
+            cross.add(reference.float() - x.float(), x, m)  # the difference in float32, whatever the dtype
         self._last = (x, x._version, acc)
 
     def cross_of(self, name: str) -> torch.Tensor | None:
         """``(2/n) Σ (X̃ − X)ᵀ X`` of ``name`` (scaled like its Hessian), if it was accumulated with a ``reference``."""
         acc = self.acc.get(name)
-        cross = None if acc is None else self._cross.get(id(acc))
-        return None if cross is None else cross * (2.0 / max(acc.n, 1))
+        cross = None if acc is None else self.cross.get(id(acc))
+        return None if cross is None else cross.finalize()
 
     def new_batch(self) -> None:
         self._last = None
@@ -84,7 +84,7 @@ class BlockHessians:
     def release(self, acc: HessianAccumulator) -> None:
         """Drops ``acc`` and its factor."""
         self.factors.pop(id(acc), None)
-        self._cross.pop(id(acc), None)
+        self.cross.pop(id(acc), None)
         for n in [n for n, a in self.acc.items() if a is acc]:
             del self.acc[n]
         if self._last is not None and self._last[2] is acc:

@@ -47,10 +47,10 @@ def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None
     passes otherwise (far better at 2 bits)."""
     if spec.method == "rtn":
         return False
-    if spec.asym_alpha:  # its float stream runs beside the two-pass schedule
-        return False
     if spec.true_sequential is not None:
         return spec.true_sequential
+    if spec.asym_alpha:  # measured in two passes (docs/design.md, "Asymmetric calibration")
+        return False
     whole = batch_size is None or batch_size >= n_samples
     return get_format(spec.format).one_pass and spec.bits >= 3 and whole
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..formats import get_format
-from ..solver import LayerStats
+from ..solver import CrossAccumulator, LayerStats
 from ..spec import QuantSpec
 from .blocks import _hidden, execution_device, linear_dims, move_to, replace_module, run_block
 from .distributed import Ranks, owners, solve_cost
@@ -201,15 +201,21 @@ def solve_distributed(
     owned: list[list[str]] = []
     for names, owner in zip(shared, owners(costs, ranks.world), strict=True):  # every reduce first, so that the
         local = next((hessians.acc[n] for n in names if n in hessians.acc), None)  # owners then solve at once
+        cross = None if local is None else hessians.cross.pop(id(local), None)
         for n in names:
             hessians.acc.pop(n, None)
-        total = ranks.reduce(local, linear_dims(job.linears[names[0]])[0], owner)
+        width = linear_dims(job.linears[names[0]])[0]
+        total = ranks.reduce(local, width, owner)
+        if job.spec.asym_alpha:  # every rank reduces (its cross term may be empty), only the owner keeps the sum
+            cross = ranks.reduce(cross, width, owner, CrossAccumulator)
         if total is None:
             continue
         owned.append(names)
         if total.n:  # no token on any rank: solved as in one process, from an empty Hessian, with its warning
             for n in names:
                 hessians.acc[n] = total
+            if cross is not None:
+                hessians.cross[id(total)] = cross
     try:
         for names in owned:
             for n in names:
@@ -272,7 +278,11 @@ class OnePass(Schedule):
     5. swap the quantized modules in.
 
     A Linear that runs twice in one forward raises :class:`CalledTwice` with every float weight restored; the
-    driver then runs :class:`TwoPass` on that block."""
+    driver then runs :class:`TwoPass` on that block.
+
+    ``asym_alpha``: before step 1, one forward of the float block on the float stream keeps each Linear's input
+    there (X̃, for its cross term) and gives the next block's float stream; so the schedule costs two forwards per
+    block, as the two-pass one does without ``asym_alpha``."""
 
     name = "one pass"
 
@@ -283,12 +293,21 @@ class OnePass(Schedule):
         solutions: dict[str, Any] = {}
         originals: dict[str, torch.Tensor] = {}
         mask = job.masks[0]
+        references = None if job.fp_inputs is None else self._float_inputs(job, device)
 
         def make_hooks(name: str) -> tuple[Callable, Callable]:
             def quantize(mod: nn.Linear, args: tuple) -> None:  # 1
                 if name in solutions:
                     raise CalledTwice(name)
-                hessians.accumulate(name, args[0], mask, streaming=True)
+                reference = None
+                if references is not None:
+                    if name not in references:
+                        raise ValueError(
+                            f"asym_alpha: {name} runs in the quantized model but not in the float one (a routed MoE "
+                            "expert): leave asym_alpha at 0"
+                        )
+                    reference = references.pop(name)  # freed once used
+                hessians.accumulate(name, args[0], mask, streaming=True, reference=reference)
                 solutions[name] = solve_layer(name, mod, hessians)
                 originals[name] = mod.weight.data
                 mod.weight.data = fmt.dense(solutions[name], job.spec).to(mod.weight.dtype)
@@ -317,6 +336,29 @@ class OnePass(Schedule):
         stats = job.stats(solutions, hessians.tokens)
         job.swap_in(solutions)  # 5
         return out, stats
+
+    @staticmethod
+    def _float_inputs(job: BlockJob, device: torch.device) -> dict[str, torch.Tensor]:
+        """``asym_alpha``: the float block's forward on the float stream (one batch, as the quantizing forward):
+        each Linear's input there (X̃), and the block's output as the next block's float stream."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable:
+            def hook(_mod: nn.Module, args: tuple) -> None:
+                if name in seen:
+                    raise CalledTwice(name)
+                seen[name] = args[0].detach()
+
+            return hook
+
+        assert job.fp_inputs is not None
+        handles = [lin.register_forward_pre_hook(keep(n)) for n, lin in job.linears.items()]
+        try:
+            job.fp_outputs = run_block(job.block, [(job.fp_inputs[0], job.inputs[0][1])], device)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return seen
 
 
 def run_schedule(schedule: Schedule, job: BlockJob) -> tuple[list[torch.Tensor] | None, BlockStats]:

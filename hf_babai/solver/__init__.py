@@ -7,12 +7,13 @@ references the solver is tested against live with the tests (``tests/oracles.py`
 from .asymmetric import asymmetric_target
 from .babai import HessianFactor, LayerStats, QuantResult, babai_quantize, factor_hessian, proxy_loss
 from .grid import Grid, compute_scales, dequantize, rtn_quantize
-from .hessian import DAMP_WIDTH, HessianAccumulator, kept_rows, layer_damp
+from .hessian import DAMP_WIDTH, CrossAccumulator, HessianAccumulator, kept_rows, layer_damp
 from .ordering import ORDERS, babai_order, numerical_rank, pivoted_cholesky
 
 __all__ = [
     "DAMP_WIDTH",
     "ORDERS",
+    "CrossAccumulator",
     "Grid",
     "HessianAccumulator",
     "HessianFactor",

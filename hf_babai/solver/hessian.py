@@ -19,6 +19,9 @@ float64 bin while accumulating (freed by :meth:`HessianAccumulator.finalize`).
 Summands: a ``[B, T, c]`` input contributes one summand per sample (so results do not depend on how samples are
 batched or spread over ranks); a ``[N, c]`` input (tokens already flattened, e.g. an MoE expert's routed tokens)
 is one summand per call. Rows beyond ``chunk_rows`` start a new summand.
+
+:class:`CrossAccumulator` sums a non-symmetric ``Σ AᵀB`` the same way (GPTAQ's cross term, ``asym_alpha``), so a
+run that uses it is just as independent of batching, ranks and reduction order.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class HessianAccumulator:
         self.summands = 0
         self._final = False
 
+    symmetric = True  # entry levels: the max of row and column (a cross term's: its row's)
+
     @property
     def sum(self) -> torch.Tensor:
         """``Σ XᵀX`` (before :meth:`finalize`: a new tensor; after: the finalized ``H``)."""
@@ -90,22 +95,15 @@ class HessianAccumulator:
             raise RuntimeError("this Hessian was already finalized; accumulate every batch before finalize()")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the accumulator expects {self.in_features}")
-        if mask is not None and mask.shape != x.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(x.shape[:-1])}")
-        x = x.detach()
-        if x.dim() >= 3:  # one summand per sample
-            xs = x.reshape(-1, *x.shape[-2:])
-            ms = None if mask is None else mask.reshape(-1, mask.shape[-1])
-            for i in range(xs.shape[0]):
-                self._add_rows(xs[i], None if ms is None else ms[i])
-        else:
-            self._add_rows(x.reshape(-1, self.in_features), None if mask is None else mask.reshape(-1))
+        for rows in _samples(x.detach(), mask):
+            self._add_rows(rows, rows)
 
-    def _add_rows(self, rows: torch.Tensor, mask: torch.Tensor | None) -> None:
-        rows = kept_rows(rows, mask)
+    def _add_rows(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Adds ``leftᵀ right`` (``[N, c]`` rows of one sample), one summand per ``chunk_rows`` tokens."""
         c = self.in_features
-        for start in range(0, rows.shape[0], self.chunk_rows):
-            chunk = rows[start : start + self.chunk_rows].float()
+        for start in range(0, left.shape[0], self.chunk_rows):
+            chunk = right[start : start + self.chunk_rows].float()
+            lhs = chunk if left is right else left[start : start + self.chunk_rows].float()
             if self.summands >= MAX_SUMMANDS:
                 raise ValueError(
                     f"a Hessian accumulated {self.summands} summands (calibration samples or chunks of "
@@ -113,8 +111,14 @@ class HessianAccumulator:
                 )
             self.summands += 1
             for a in range(0, c, self.block):  # row blocks: the float32 product and its float64 up-cast are
-                self._deposit(chunk[:, a : a + self.block].T @ chunk, slice(a, a + self.block))  # [block, c]
-        self.n += rows.shape[0]
+                self._deposit(lhs[:, a : a + self.block].T @ chunk, slice(a, a + self.block))  # [block, c]
+        self.n += left.shape[0]
+
+    def _entry_steps(self, rows: slice) -> torch.Tensor:
+        """The quantum of each entry of ``rows``: that of the coarser of its row's and column's levels, so the sum
+        stays symmetric."""
+        step = quantum(self.level)
+        return torch.maximum(step[rows, None], step[None, :])
 
     def _deposit(self, part: torch.Tensor, rows: slice) -> None:
         """Adds one summand's rows (a float32 ``[block, c]`` product) to the bins: its high piece (rounded to each
@@ -130,8 +134,7 @@ class HessianAccumulator:
             raised = self.level.clone()
             raised[rows] = torch.maximum(raised[rows], new)
             self.align(raised)
-        step_all = quantum(self.level)
-        step = torch.maximum(step_all[rows, None], step_all[None, :])  # entry (i, j): max(level_i, level_j)
+        step = self._entry_steps(rows)
         part = part.to(device=self.device, dtype=torch.float64)
         hi = torch.round(part / step).mul_(step)
         self.high[rows] += hi
@@ -150,7 +153,7 @@ class HessianAccumulator:
         top = torch.maximum(self.level, other.level)
         self.align(top)
         high, low = other.high.clone(), other.low.clone()
-        _align(high, low, other.level, top)
+        _align(high, low, other.level, top, self.symmetric)
         self.high += high
         self.low += low
         self.n += other.n
@@ -163,7 +166,7 @@ class HessianAccumulator:
             raise RuntimeError("this Hessian was already finalized")
         if bool((level < self.level).any()):
             raise ValueError("cannot lower the level of a Hessian's bins")
-        _align(self.high, self.low, self.level, level)
+        _align(self.high, self.low, self.level, level, self.symmetric)
         self.level = level.to(device=self.device, dtype=torch.int8).clone()
 
     def finalize(self) -> torch.Tensor:
@@ -182,14 +185,54 @@ class HessianAccumulator:
         return self.high
 
 
-def _align(high: torch.Tensor, low: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
-    """Moves bins (in place) from row levels ``old`` to ``new`` (entry levels: the max of row and column): where
-    an entry's level rises by one, its old top bin becomes its low bin; whatever falls below the low bin is
-    dropped, exactly as rounding every summand so far onto the new grid would (earlier summands round to 0 on
-    every level above their own top)."""
+class CrossAccumulator(HessianAccumulator):
+    """Accumulates ``Σ AᵀB`` over calibration batches, exactly and in any order, like :class:`HessianAccumulator`
+    (GPTAQ's cross term ``(X̃ − X)ᵀ X``: ``A`` the float model's input less the quantized model's, ``B`` the latter).
+
+    The matrix is not symmetric, so entry ``(i, j)`` lives on row ``i``'s grid alone; everything else (summands
+    per sample, the two bins, the rising levels, :meth:`merge`, a reduction over ranks) is the Hessian's."""
+
+    symmetric = False
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """Adds ``aᵀb`` for a batch of paired inputs ``a, b [..., c]`` (one summand per sample, as the Hessian);
+        positions where ``mask`` is 0 are ignored."""
+        if a.shape != b.shape:
+            raise ValueError(f"a cross term pairs inputs of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        if self._final:
+            raise RuntimeError("this cross term was already finalized; accumulate every batch before finalize()")
+        if a.shape[-1] != self.in_features:
+            raise ValueError(f"input has {a.shape[-1]} features, the accumulator expects {self.in_features}")
+        for left, right in zip(_samples(a.detach(), mask), _samples(b.detach(), mask), strict=True):
+            self._add_rows(left, right)
+
+    def _entry_steps(self, rows: slice) -> torch.Tensor:
+        return quantum(self.level[rows])[:, None].expand(-1, self.in_features).clone()
+
+
+def _samples(x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """``x [..., c]`` as the ``[N, c]`` kept rows of each summand: one per sample of a ``[B, T, c]`` input, the
+    whole of a ``[N, c]`` one (tokens already flattened, e.g. an MoE expert's routed tokens)."""
+    if mask is not None and mask.shape != x.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(x.shape[:-1])}")
+    if x.dim() < 3:
+        return [kept_rows(x.reshape(-1, x.shape[-1]), None if mask is None else mask.reshape(-1))]
+    xs = x.reshape(-1, *x.shape[-2:])
+    ms = None if mask is None else mask.reshape(-1, mask.shape[-1])
+    return [kept_rows(xs[i], None if ms is None else ms[i]) for i in range(xs.shape[0])]
+
+
+def _align(high: torch.Tensor, low: torch.Tensor, old: torch.Tensor, new: torch.Tensor, symmetric: bool = True) -> None:
+    """Moves bins (in place) from row levels ``old`` to ``new`` (entry levels: the max of row and column, or the
+    row's alone where not ``symmetric``): where an entry's level rises by one, its old top bin becomes its low bin;
+    whatever falls below the low bin is dropped, exactly as rounding every summand so far onto the new grid would
+    (earlier summands round to 0 on every level above their own top)."""
     o = old.to(torch.int16)
     n = new.to(device=old.device, dtype=torch.int16)
-    rise = torch.maximum(n[:, None], n[None, :]) - torch.maximum(o[:, None], o[None, :])
+    if symmetric:
+        rise = torch.maximum(n[:, None], n[None, :]) - torch.maximum(o[:, None], o[None, :])
+    else:
+        rise = (n - o)[:, None].expand(-1, n.shape[0])
     low.copy_(torch.where(rise == 0, low, torch.where(rise == 1, high, torch.zeros((), dtype=low.dtype))))
     high.masked_fill_(rise != 0, 0.0)
 
