@@ -7,12 +7,14 @@ difference with its standard error. Only records of today's defaults count on ou
 default damping, scale rule and schedule, no refinements), so older runs with other settings in the same file do
 not mix in; the peer's records are its default ``actorder=static`` with the MSE observer. Round-to-nearest on the
 same grid (no calibration, so one figure per setting) stands beside them when the files hold it. The second peer,
-GPTQModel in its ``best`` preset (act-order, MSE scales), is paired with us on whichever seeds it ran.
+GPTQModel, is paired with us on whichever seeds it ran, in its better configuration for the setting: the ``best``
+preset (act-order, MSE scales) or that preset with its GPTAQ mode (``best+gptaq``), whichever has the lower mean
+perplexity on the seeds both ran (``best`` where they share none); the cell names the one taken.
 
 .venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown] [--ours asym_alpha=0.25]
 
 ``--ours SETTING=VALUE`` pairs an option instead of the defaults: the records that ran with the defaults plus that
-setting (and what it implies: ``asym_alpha`` runs two passes).
+setting (and what it implies: ``asym_alpha`` runs two passes unless ``true_sequential=true`` is given too).
 """
 
 from __future__ import annotations
@@ -66,12 +68,28 @@ def gptqmodel_preset(rec: dict) -> str | None:
     return rec.get("preset", "default") + ("+gptaq" if rec.get("method") == "gptaq" else "")
 
 
+#: GPTQModel's configurations the second peer's column may take, the first where the seeds cannot choose
+GPTQMODEL = ("best", "best+gptaq")
+
+
+def better_preset(sides: dict[str, dict[int, float]]) -> str:
+    """The GPTQModel preset with the lower mean perplexity over the seeds every preset ran (``GPTQMODEL[0]`` where
+    no seed is shared)."""
+    ran = [p for p in GPTQMODEL if sides[p]]
+    shared = set.intersection(*(set(sides[p]) for p in ran)) if ran else set()
+    if len(ran) < 2 or not shared:
+        return ran[0] if len(ran) == 1 else GPTQMODEL[0]
+    return min(ran, key=lambda p: (statistics.fmean(sides[p][s] for s in shared), GPTQMODEL.index(p)))
+
+
 def pair(records: list[dict], settings: dict | None = None) -> list[dict]:
     """One summary per (model, bits, group size, calibration size, evaluation windows) with both tools on at least
     one seed; our side is the defaults, or the defaults with ``settings`` (:func:`is_default_ours`). Perplexities
     over different numbers of evaluation windows are different measurements (4 windows are
     the first 5 % of the book), so they are never paired with each other or with another size's RTN."""
-    runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: {"ours": {}, "peer": {}, "gptqmodel": {}})
+    runs: dict[tuple, dict[str, dict[int, float]]] = defaultdict(
+        lambda: {"ours": {}, "peer": {}, **{p: {} for p in GPTQMODEL}}
+    )
     rtn: dict[tuple, float] = {}
     for rec in records:
         if rec.get("tool") == "hf_babai" and rec.get("method") == "rtn":
@@ -79,8 +97,8 @@ def pair(records: list[dict], settings: dict | None = None) -> list[dict]:
                 rtn[rec["model"], rec["bits"], rec["group_size"], rec.get("windows")] = rec["ppl"]  # any seed
             continue
         side = "ours" if is_default_ours(rec, settings) else "peer" if is_default_peer(rec) else None
-        if gptqmodel_preset(rec) == "best":  # the second peer in its best documented configuration
-            side = "gptqmodel"
+        if gptqmodel_preset(rec) in GPTQMODEL:  # the second peer in its documented best configurations
+            side = gptqmodel_preset(rec)
         if side is None:
             continue
         calib_len = rec.get("calib_seqlen", rec.get("seqlen"))
@@ -96,14 +114,15 @@ def pair(records: list[dict], settings: dict | None = None) -> list[dict]:
         peer = [sides["peer"][s] for s in seeds]
         diffs = [o / p - 1 for o, p in zip(ours, peer, strict=True)]
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-        second = {s: v for s, v in sides["gptqmodel"].items() if s in sides["ours"]}
+        preset = better_preset(sides)
+        second = {s: v for s, v in sides[preset].items() if s in sides["ours"]}
         diffs2 = [sides["ours"][s] / v - 1 for s, v in sorted(second.items())]
         out.append({
             "model": model, "bits": bits, "group_size": group, "calib": f"{n_calib}x{calib_len}", "windows": windows,
             "seeds": seeds, "rtn": rtn.get((model, bits, group, windows)),
             "ours": ours, "peer": peer, "ours_mean": statistics.fmean(ours), "peer_mean": statistics.fmean(peer),
             "rel_diff": diffs, "rel_diff_mean": statistics.fmean(diffs), "rel_diff_se": se,
-            "gptqmodel": dict(sorted(second.items())),
+            "gptqmodel": dict(sorted(second.items())), "gptqmodel_preset": preset,
             "gptqmodel_rel_diff_mean": statistics.fmean(diffs2) if diffs2 else None,
             "gptqmodel_rel_diff_se": statistics.stdev(diffs2) / math.sqrt(len(diffs2)) if len(diffs2) > 1 else None,
         })  # fmt: skip
@@ -113,7 +132,8 @@ def pair(records: list[dict], settings: dict | None = None) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | bits | group | calibration | eval windows | RTN | seeds | hf_babai (per seed) | "
-        "llm-compressor (per seed) | vs llm-compressor, mean ± s.e. | GPTQModel best (seed: ppl) | vs GPTQModel |",
+        "llm-compressor (per seed) | vs llm-compressor, mean ± s.e. | GPTQModel, better preset (seed: ppl) | "
+        "vs GPTQModel |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -133,7 +153,7 @@ def _second(row: dict) -> str:
     """The GPTQModel cells: its figure per seed it ran, and hf_babai's paired difference on those seeds."""
     if not row["gptqmodel"]:
         return "not run | –"
-    cells = " / ".join(f"{s}: {v:.2f}" for s, v in row["gptqmodel"].items())
+    cells = f"{row['gptqmodel_preset']}: " + " / ".join(f"{s}: {v:.2f}" for s, v in row["gptqmodel"].items())
     se = "" if row["gptqmodel_rel_diff_se"] is None else f" ± {100 * row['gptqmodel_rel_diff_se']:.1f}"
     return f"{cells} | {100 * row['gptqmodel_rel_diff_mean']:+.1f}{se} %"
 

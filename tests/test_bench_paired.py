@@ -86,19 +86,25 @@ def test_evaluation_sizes_are_not_mixed(paired):
     assert rows[81]["seeds"] == [0]
 
 
-def test_gptqmodel_best_is_paired_on_the_seeds_it_ran(paired):
-    """The second peer's ``best`` preset is a column of its own, paired with us on its seeds; its other presets
-    (out of the box, GPTAQ) are not what the column compares against."""
+def test_gptqmodel_in_its_better_configuration_is_paired_on_the_seeds_it_ran(paired):
+    """The second peer's column is its ``best`` preset or ``best`` with GPTAQ, whichever has the lower mean on the
+    seeds both ran; paired with us on its seeds. Its out-of-the-box preset never counts; with no shared seed the
+    column keeps ``best``."""
     gm = dict(model="m", tool="gptqmodel", method="gptq", preset="best", bits=3, group_size=64, n_calib=32, seqlen=512,
               windows=4)  # fmt: skip
-    records = [
+    base = [
         _ours(0, 11.0), _ours(1, 9.0), _peer(0, 10.0), _peer(1, 10.0),
         {**gm, "calib_seed": 1, "ppl": 12.0},
         {**gm, "calib_seed": 0, "ppl": 1.0, "preset": "default"},
-        {**gm, "calib_seed": 0, "ppl": 1.0, "method": "gptaq"},
     ]  # fmt: skip
-    (row,) = paired.pair(records)
-    assert row["gptqmodel"] == {1: 12.0}
+    (row,) = paired.pair([*base, {**gm, "calib_seed": 0, "ppl": 1.0, "method": "gptaq"}])  # no shared seed
+    assert row["gptqmodel_preset"] == "best" and row["gptqmodel"] == {1: 12.0}
     assert row["gptqmodel_rel_diff_mean"] == pytest.approx(9.0 / 12.0 - 1)
-    assert "| 1: 12.00 | -25.0 % |" in paired.markdown([row])
+    assert "| best: 1: 12.00 | -25.0 % |" in paired.markdown([row])
     assert "| not run | – |" in paired.markdown([{**row, "gptqmodel": {}}])
+    gptaq = [{**gm, "calib_seed": s, "ppl": p, "method": "gptaq"} for s, p in ((0, 10.0), (1, 10.0))]
+    (row,) = paired.pair([*base, *gptaq])  # seed 1: 10 < 12, so GPTAQ is the better configuration
+    assert row["gptqmodel_preset"] == "best+gptaq" and row["gptqmodel"] == {0: 10.0, 1: 10.0}
+    assert row["gptqmodel_rel_diff_mean"] == pytest.approx((11.0 / 10.0 + 9.0 / 10.0) / 2 - 1)
+    (row,) = paired.pair([*base, {**gptaq[1], "ppl": 13.0}])
+    assert row["gptqmodel_preset"] == "best" and row["gptqmodel"] == {1: 12.0}

@@ -161,6 +161,31 @@ def test_all_token_calibration_keeps_the_routed_output():
     torch.testing.assert_close(_logits(model), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass", "one-pass"])
+def test_asymmetric_calibration_leaves_routed_experts_unmoved(caplog, one_pass):
+    """``asym_alpha`` pairs each Linear's input rows in the float and the quantized forward. A routed expert's rows
+    are the tokens its router chose, which differ between the two, so its target stays unmoved and each block logs
+    how many; attention and the routers are paired. With ``expert_calibration="all"`` every expert sees every token
+    in both forwards, so every target moves."""
+    import logging
+    import re
+
+    from hf_babai.spec import QuantSpec
+
+    caplog.set_level(logging.INFO, logger="hf_babai.engine.schedules")
+    spec = dict(bits=4, group_size=16, asym_alpha=0.25, true_sequential=one_pass)
+    records = quantize_model(_model("qwen3_moe"), QuantSpec(**spec), IDS, progress=False)
+    found = [re.search(r"block (\d+): asym_alpha leaves the target of (\d+) Linears unmoved.*e\.g\. (\S+)", r.message)
+             for r in caplog.records]  # fmt: skip
+    found = [m for m in found if m]
+    experts = {b: sum(".experts." in r.name for r in records if r.block == b) for b in {r.block for r in records}}
+    assert experts and {int(m[1]): int(m[2]) for m in found} == experts
+    assert all(".experts." in m[3] for m in found)
+    caplog.clear()
+    quantize_model(_model("qwen3_moe"), QuantSpec(**spec, expert_calibration="all"), IDS, progress=False)
+    assert not [r for r in caplog.records if "asym_alpha leaves" in r.message]
+
+
 def test_a_subclass_overriding_the_experts_forward_is_not_unfused():
     model = _model("mixtral")
     name = _fused(model)[0]

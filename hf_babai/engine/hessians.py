@@ -31,8 +31,11 @@ class BlockHessians:
         self.tokens: dict[str, int] = {}  # calibration tokens behind each factored Linear's Hessian
         self._last: tuple[torch.Tensor, int, HessianAccumulator] | None = None
         # asym_alpha: Σ (X̃ − X)ᵀ X of each Linear (X̃ its input in the float model), by id() of its Hessian's
-        # accumulator: shared like the Hessian
+        # accumulator: shared like the Hessian; and the accumulators whose Linears have no token pairing
         self.cross: dict[int, CrossAccumulator] = {}
+        self.plain: dict[int, str] = {}
+        self.unmoved: list[str] = []  # the Linears solved without a cross term while asym_alpha is on
+        self.batch_tokens = 0
 
     def accumulate(
         self,
@@ -52,7 +55,7 @@ class BlockHessians:
         the end of the block (each is K² float64 words: ~200 MB for a 5k-wide down_proj).
 
         ``reference`` (``asym_alpha``): the same Linear's input in the float model, for the cross term
-        (:meth:`cross_of`) of GPTAQ's asymmetric target."""
+        (:meth:`cross_of`) of GPTAQ's asymmetric target (see :meth:`_add_cross`)."""
         last = self._last
         if last is not None and last[0] is x and last[1] == x._version:
             self.acc.setdefault(name, last[2])
@@ -62,29 +65,55 @@ class BlockHessians:
         acc = self.acc.setdefault(name, HessianAccumulator(x.shape[-1]))
         m = mask if mask is not None and mask.shape == x.shape[:-1] else None
         acc.add(x, m)
-        if reference is not None:
-            if reference.shape != x.shape:
-                raise ValueError(
-                    f"asym_alpha: {name} sees {tuple(x.shape)} inputs in the quantized model but "
-                    f"{tuple(reference.shape)} in the float one (a routed MoE expert): leave asym_alpha at 0"
-                )
-            cross = self.cross.setdefault(id(acc), CrossAccumulator(x.shape[-1]))
-            cross.add(reference.float() - x.float(), x, m)  # the difference in float32, whatever the dtype
+        if self.spec.asym_alpha:
+            self._add_cross(name, acc, x, reference, m)
         self._last = (x, x._version, acc)
 
+    def _add_cross(
+        self,
+        name: str,
+        acc: HessianAccumulator,
+        x: torch.Tensor,
+        reference: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> None:
+        """Adds ``(X̃ − X)ᵀ X`` to the cross term of ``acc``'s Linears, where the rows of ``X̃`` and ``X`` are the
+        same tokens: the Linear ran once in each model's forward on every token of the batch. A routed MoE expert
+        (its tokens are the router's choice, which differs between the two models) or a Linear called more than
+        once per forward has no such pairing; its target stays unmoved for the whole block (``plain``), and the
+        schedule logs how many did."""
+        key = id(acc)
+        if key in self.plain:
+            return
+        paired = reference is not None and reference.shape == x.shape and x.shape[:-1].numel() == self.batch_tokens
+        if not paired:
+            self.plain[key] = name
+            self.cross.pop(key, None)
+            return
+        cross = self.cross.setdefault(key, CrossAccumulator(x.shape[-1]))
+        ref = reference.to(x.device)
+        cross.add(ref.float() - x.float(), x, mask)  # the difference in float32, whatever the dtype
+
     def cross_of(self, name: str) -> torch.Tensor | None:
-        """``(2/n) Σ (X̃ − X)ᵀ X`` of ``name`` (scaled like its Hessian), if it was accumulated with a ``reference``."""
+        """``(2/n) Σ (X̃ − X)ᵀ X`` of ``name`` (scaled like its Hessian), if it was accumulated with a ``reference``
+        (``None`` with ``asym_alpha`` on: the Linear is listed in ``unmoved``)."""
         acc = self.acc.get(name)
         cross = None if acc is None else self.cross.get(id(acc))
+        if cross is None and self.spec.asym_alpha:
+            self.unmoved.append(name)
         return None if cross is None else cross.finalize()
 
-    def new_batch(self) -> None:
+    def new_batch(self, tokens: int = 0) -> None:
+        """A new calibration batch of ``tokens`` token positions (what a Linear's input covers when it runs on
+        every token)."""
         self._last = None
+        self.batch_tokens = tokens
 
     def release(self, acc: HessianAccumulator) -> None:
         """Drops ``acc`` and its factor."""
         self.factors.pop(id(acc), None)
         self.cross.pop(id(acc), None)
+        self.plain.pop(id(acc), None)
         for n in [n for n, a in self.acc.items() if a is acc]:
             del self.acc[n]
         if self._last is not None and self._last[2] is acc:

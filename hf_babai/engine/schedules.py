@@ -117,8 +117,9 @@ class TwoPass(Schedule):
                 def hook(_mod: nn.Linear, args: tuple) -> None:
                     if current.get("float pass"):
                         return
-                    ref = current.get("reference")
-                    hessians.accumulate(name, args[0], current["mask"], reference=None if ref is None else ref[name])
+                    ref = current.get("reference")  # taken once: a second call has no float input to pair with
+                    x_float = None if ref is None else ref.pop(name, None)
+                    hessians.accumulate(name, args[0], current["mask"], reference=x_float)
 
                 return hook
 
@@ -131,7 +132,7 @@ class TwoPass(Schedule):
                             current["float pass"] = True
                             current["reference"] = self._float_inputs(job, group, i, device, first=group is groups[0])
                             current["float pass"] = False
-                        hessians.new_batch()
+                        hessians.new_batch(h.shape[:-1].numel())
                         current["mask"] = m
                         job.block(h.to(device), **move_to(kw, device))
             except Exception as e:
@@ -151,6 +152,7 @@ class TwoPass(Schedule):
                 solutions[name] = solve_layer(name, job.linears[name], hessians)
                 hessians.release_if_done(name, solutions)
             tokens.update(hessians.tokens)
+            log_unmoved(job.index, hessians.unmoved)
             del hessians
         stats = job.stats(solutions, tokens)
         job.swap_in(solutions)  # 2
@@ -159,15 +161,14 @@ class TwoPass(Schedule):
     @staticmethod
     def _float_inputs(job: BlockJob, group: list[str], i: int, device: torch.device, first: bool) -> dict:
         """``asym_alpha``: runs the float block on the float stream's batch ``i`` and returns each Linear of
-        ``group``'s input there (X̃); in the first group, the block's output is the next block's float stream."""
+        ``group``'s input there (X̃; ``None`` for a Linear that ran twice, which has no single input to pair); in
+        the first group, the block's output is the next block's float stream."""
         assert job.fp_inputs is not None and job.fp_outputs is not None
-        seen: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor | None] = {}
 
         def keep(name: str) -> Callable:
             def hook(_mod: nn.Module, args: tuple) -> None:
-                if name in seen:
-                    raise ValueError(f"asym_alpha: {name} runs twice per block forward; leave asym_alpha at 0")
-                seen[name] = args[0].detach()
+                seen[name] = None if name in seen else args[0].detach()
 
             return hook
 
@@ -182,6 +183,17 @@ class TwoPass(Schedule):
         return seen
 
 
+def log_unmoved(index: int, names: list[str]) -> None:
+    """``asym_alpha``: says which Linears of block ``index`` kept the plain target (no token pairing between the
+    float and the quantized forward: routed MoE experts, Linears called more than once per forward)."""
+    if names:
+        log.info(
+            "block %d: asym_alpha leaves the target of %d Linears unmoved (routed experts or Linears called more "
+            "than once per forward: their float and quantized inputs are not the same tokens), e.g. %s",
+            index, len(names), names[0],
+        )  # fmt: skip
+
+
 def solve_distributed(
     job: BlockJob, group: list[str], hessians: BlockHessians
 ) -> tuple[dict[str, Any], dict[str, int]]:
@@ -193,8 +205,10 @@ def solve_distributed(
     ids = {name: id(hessians.acc[name]) for name in group if name in hessians.acc}
     found: list = [None] * ranks.world
     local_sets = [[n for n in group if ids.get(n) == i] for i in dict.fromkeys(ids.values())]
-    torch.distributed.all_gather_object(found, local_sets)
-    shared = _union([names for rank_sets in found for names in rank_sets], group)
+    plain = [n for n, i in ids.items() if i in hessians.plain]  # asym_alpha: no token pairing on this rank
+    torch.distributed.all_gather_object(found, (local_sets, plain))
+    shared = _union([names for rank_sets, _ in found for names in rank_sets], group)
+    unpaired = {n for _, names in found for n in names}  # unmoved everywhere if unpaired on any rank
     mine: dict[str, Any] = {}
     error = None
     costs = [solve_cost(linear_dims(job.linears[s[0]])[0], [linear_dims(job.linears[n])[1] for n in s]) for s in shared]
@@ -206,8 +220,10 @@ def solve_distributed(
             hessians.acc.pop(n, None)
         width = linear_dims(job.linears[names[0]])[0]
         total = ranks.reduce(local, width, owner)
-        if job.spec.asym_alpha:  # every rank reduces (its cross term may be empty), only the owner keeps the sum
+        if job.spec.asym_alpha and not unpaired & set(names):  # every rank reduces (its own may be empty)
             cross = ranks.reduce(cross, width, owner, CrossAccumulator)
+        else:
+            cross = None
         if total is None:
             continue
         owned.append(names)
@@ -293,20 +309,14 @@ class OnePass(Schedule):
         solutions: dict[str, Any] = {}
         originals: dict[str, torch.Tensor] = {}
         mask = job.masks[0]
+        hessians.new_batch(job.inputs[0][0].shape[:-1].numel())
         references = None if job.fp_inputs is None else self._float_inputs(job, device)
 
         def make_hooks(name: str) -> tuple[Callable, Callable]:
             def quantize(mod: nn.Linear, args: tuple) -> None:  # 1
                 if name in solutions:
                     raise CalledTwice(name)
-                reference = None
-                if references is not None:
-                    if name not in references:
-                        raise ValueError(
-                            f"asym_alpha: {name} runs in the quantized model but not in the float one (a routed MoE "
-                            "expert): leave asym_alpha at 0"
-                        )
-                    reference = references.pop(name)  # freed once used
+                reference = None if references is None else references.pop(name, None)  # freed once used
                 hessians.accumulate(name, args[0], mask, streaming=True, reference=reference)
                 solutions[name] = solve_layer(name, mod, hessians)
                 originals[name] = mod.weight.data
@@ -333,6 +343,7 @@ class OnePass(Schedule):
         for name, lin in job.linears.items():  # 4
             if name not in solutions:
                 solutions[name] = solve_layer(name, lin, hessians)
+        log_unmoved(job.index, hessians.unmoved)
         stats = job.stats(solutions, hessians.tokens)
         job.swap_in(solutions)  # 5
         return out, stats
@@ -347,7 +358,7 @@ class OnePass(Schedule):
             def hook(_mod: nn.Module, args: tuple) -> None:
                 if name in seen:
                     raise CalledTwice(name)
-                seen[name] = args[0].detach()
+                seen[name] = args[0].detach().cpu()  # beside the block's activations, off an accelerator
 
             return hook
 
