@@ -111,7 +111,7 @@ def run_one(args: argparse.Namespace) -> dict:
                 rec["refine_sweeps"] = sweeps
             if spec.beams > 1:
                 rec["beams"] = spec.beams
-            if spec.asym_alpha:
+            if method == "babai":
                 rec["asym_alpha"] = spec.asym_alpha
         t0 = time.perf_counter()
         ids = calib if method == "babai" else None
@@ -175,7 +175,10 @@ def main() -> None:
     )
     p.add_argument("--beams", type=int, default=1, help="babai int format: K-best nearest plane beams (1 = Babai)")
     p.add_argument(
-        "--asym-alpha", type=float, default=0.0, help="babai: GPTAQ asymmetric calibration strength (0 = off)"
+        "--asym-alpha",
+        type=float,
+        default=None,
+        help="babai: GPTAQ asymmetric calibration strength (0 = off; default: the library's)",
     )
     p.add_argument(
         "--scale-method",
@@ -254,7 +257,7 @@ def main() -> None:
         *(["--calib-batch", str(args.calib_batch)] if args.calib_batch else []),
         *(["--refine-sweeps", str(args.refine_sweeps)] if args.refine_sweeps else []),
         *(["--beams", str(args.beams)] if args.beams > 1 else []),
-        *(["--asym-alpha", str(args.asym_alpha)] if args.asym_alpha else []),
+        *(["--asym-alpha", str(args.asym_alpha)] if args.asym_alpha is not None else []),
         *([] if args.rescale is None else ["--rescale" if args.rescale else "--no-rescale"]),
         *(["--scale-method", args.scale_method] if args.scale_method else []),
         *({None: [], True: ["--true-sequential"], False: ["--no-true-sequential"]}[args.true_sequential]),

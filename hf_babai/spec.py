@@ -109,12 +109,12 @@ class QuantSpec:
         allowed="use an int in [1, 64] (K-best beams; 1 = Babai's nearest plane), e.g. 4",
         valid=lambda v: _int(v) and 1 <= v <= 64,
     )
-    asym_alpha: float = _setting(
-        0.0,
+    asym_alpha: float | None = _setting(
+        None,
         "GPTAQ asymmetric calibration: move each Linear's target this fraction of the way to the float model's "
-        "output (0 = off; GPTAQ's default 0.25)",
-        allowed="use a float in [0, 1] (0 = off; GPTAQ's default is 0.25)",
-        valid=lambda v: _real(v) and 0 <= v <= 1,
+        "output (0 = off; unset: the format's default, 0.25 for int at 3 bits and more, else 0)",
+        allowed="use None (the format's default) or a float in [0, 1] (0 = off; GPTAQ's default is 0.25)",
+        valid=_optional(lambda v: _real(v) and 0 <= v <= 1),
     )
     scale_dtype: str = _setting(
         "float16",
@@ -211,6 +211,8 @@ class QuantSpec:
         fmt = get_format(self.format)
         if self.scale_method is None:
             self.scale_method = fmt.default_scale_method(self)
+        if self.asym_alpha is None:
+            self.asym_alpha = fmt.default_asym_alpha(self)
         self._check_cross_rules(fmt)
         fmt.check(self)
 

@@ -18,7 +18,7 @@ def _ours(seed: int, ppl: float, **over) -> dict:
     rec = dict(
         model="m", tool="hf_babai", method="babai", order="act-order", sym=True, bits=3, group_size=64, n_calib=32,
         calib_seqlen=512, scale_method="auto", rescale=False, calib_batch=None, true_sequential=True,
-        damp_width=DAMP_WIDTH, calib_seed=seed, ppl=ppl, windows=4,
+        damp_width=DAMP_WIDTH, asym_alpha=0.25, calib_seed=seed, ppl=ppl, windows=4,
     )  # fmt: skip
     rec.update(over)
     return rec
@@ -36,7 +36,7 @@ def test_only_default_records_are_paired(paired):
         _ours(0, 11.0), _ours(1, 9.0), _peer(0, 10.0), _peer(1, 10.0), _peer(2, 10.0),  # seed 2: no partner
         _ours(0, 1.0, rescale=True), _ours(0, 1.0, damp_width=0.0), _ours(0, 1.0, scale_method="hmse"),
         _ours(0, 1.0, true_sequential=False), _ours(0, 1.0, order="min-pivot"),  # none of these are defaults
-        _ours(0, 1.0, beams=4), _ours(0, 1.0, asym_alpha=0.25),
+        _ours(0, 1.0, beams=4), _ours(0, 1.0, asym_alpha=0.0),
     ]  # fmt: skip
     rtn = dict(model="m", tool="hf_babai", method="rtn", sym=True, bits=3, group_size=64, ppl=42.0, windows=4)
     # a 4-bit RTN has no pair (no row); a min/max-scaled RTN is not the baseline
@@ -52,20 +52,26 @@ def test_only_default_records_are_paired(paired):
 
 
 def test_two_bit_default_is_two_passes(paired):
-    two_bit = dict(bits=2, scale_method="mse")
+    two_bit = dict(bits=2, scale_method="mse", asym_alpha=0.0)
     assert not paired.is_default_ours(_ours(0, 1.0, **two_bit))  # one pass at 2 bits is not the default
     assert paired.is_default_ours(_ours(0, 1.0, true_sequential=False, **two_bit))
 
 
 def test_an_option_is_paired_in_place_of_the_defaults(paired):
-    """``--ours asym_alpha=0.25``: the records with that option (and the two passes it forces) are our side; the
-    default records and those of other options are not."""
-    asym = _ours(0, 9.0, asym_alpha=0.25, true_sequential=False)
-    others = [_ours(0, 1.0, asym_alpha=0.25), _ours(0, 2.0, asym_alpha=0.5, true_sequential=False)]
-    others.append(_ours(0, 3.0, asym_alpha=0.25, true_sequential=False, beams=4))
-    records = [_ours(0, 11.0), asym, *others, _peer(0, 10.0)]
-    (row,) = paired.pair(records, {"asym_alpha": 0.25})
-    assert row["ours"] == [9.0] and row["rel_diff"] == pytest.approx([-0.1])
+    """``--ours asym_alpha=0``: the records with the plain target (and the schedule the defaults imply for them:
+    one pass at 3 bits; a record without the field ran before the option existed, so with 0) are our side; the
+    default records and those of other options are not. ``true_sequential=false`` picks the two-pass records."""
+    plain = _ours(0, 9.0, asym_alpha=0.0)
+    older = _ours(1, 7.0)
+    del older["asym_alpha"]
+    two = _ours(0, 8.0, true_sequential=False)
+    others = [_ours(0, 1.0, asym_alpha=0.5), _ours(0, 3.0, asym_alpha=0.0, beams=4)]
+    others.append(_ours(0, 2.0, asym_alpha=0.0, true_sequential=False))
+    records = [_ours(0, 11.0), plain, older, two, *others, _peer(0, 10.0), _peer(1, 10.0)]
+    (row,) = paired.pair(records, {"asym_alpha": 0.0})
+    assert row["ours"] == [9.0, 7.0] and row["rel_diff"] == pytest.approx([-0.1, -0.3])
+    (row,) = paired.pair(records, {"true_sequential": False})
+    assert row["ours"] == [8.0]
     (row,) = paired.pair(records)
     assert row["ours"] == [11.0]
 

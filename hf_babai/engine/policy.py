@@ -49,8 +49,6 @@ def uses_one_pass(spec: QuantSpec, n_samples: int, batch_size: int | None = None
         return False
     if spec.true_sequential is not None:
         return spec.true_sequential
-    if spec.asym_alpha:  # measured in two passes (docs/design.md, "Asymmetric calibration")
-        return False
     whole = batch_size is None or batch_size >= n_samples
     return get_format(spec.format).one_pass and spec.bits >= 3 and whole
 

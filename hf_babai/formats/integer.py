@@ -233,6 +233,11 @@ class IntFormat(QuantFormat):
     def default_scale_method(self, spec: QuantSpec) -> str:
         return "auto" if spec.method == "babai" and spec.bits != 2 else "mse"
 
+    def default_asym_alpha(self, spec: QuantSpec) -> float:
+        """0.25 (GPTAQ's step) for a calibrated solve at 3 bits and more, where it was measured better than the
+        plain target against both peers (``docs/benchmarks.md``); 2 bits was not measured."""
+        return 0.25 if spec.method == "babai" and spec.bits >= 3 else 0.0
+
     def solve(self, w: Tensor, factor: HessianFactor, spec: QuantSpec, hessian: Callable[[], Tensor]) -> QuantResult:
         """The solve under ``spec.scale_method``; ``stats.scales`` records the search that was kept (with
         ``"auto"`` the candidate of lower proxy loss, each a full exact solve)."""

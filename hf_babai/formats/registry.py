@@ -77,6 +77,10 @@ class QuantFormat:
     def default_scale_method(self, spec: QuantSpec) -> str:
         return "mse"
 
+    def default_asym_alpha(self, spec: QuantSpec) -> float:
+        """GPTAQ's step where ``asym_alpha`` is unset: off unless measured better for this format."""
+        return 0.0
+
     # -- quantizing ------------------------------------------------------------------------------------------
     def solve(self, w: Tensor, factor: HessianFactor, spec: QuantSpec, hessian: Callable[[], Tensor]) -> Any:
         """Quantizes ``w [out, in]`` against its factored Hessian (``hessian()`` gives ``H`` itself)."""
