@@ -11,10 +11,11 @@ GPTQModel, is paired with us on whichever seeds it ran, in its better configurat
 preset (act-order, MSE scales) or that preset with its GPTAQ mode (``best+gptaq``), whichever has the lower mean
 perplexity on the seeds both ran (``best`` where they share none); the cell names the one taken.
 
-.venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown] [--ours asym_alpha=0.25]
+.venv/bin/python bench/paired.py bench/results/quality_qwen2.5-0.5b.jsonl [--markdown] [--ours asym_alpha=0]
 
 ``--ours SETTING=VALUE`` pairs an option instead of the defaults: the records that ran with the defaults plus that
-setting (and what it implies: ``asym_alpha`` runs two passes unless ``true_sequential=true`` is given too).
+setting (``asym_alpha=0``: the plain GPTQ/Babai target; a record without the field ran before the option existed,
+so with 0; ``true_sequential=false``: two passes).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hf_babai.engine import QuantSpec, uses_one_pass
 
 def is_default_ours(rec: dict, settings: dict | None = None) -> bool:
     """Whether an hf_babai record ran with every library default for its bits and group size, less ``settings``
-    (``--ours asym_alpha=0.25``: the defaults plus that option, and whatever it implies, e.g. two passes)."""
+    (``--ours asym_alpha=0``: the defaults plus that option, and whatever the defaults imply for it)."""
     if rec.get("tool") != "hf_babai" or rec.get("method") != "babai" or rec.get("order") != "act-order":
         return False
     spec = QuantSpec(bits=rec["bits"], group_size=rec["group_size"], **(settings or {}))
@@ -167,7 +168,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="SETTING=VALUE",
-        help="pair the defaults with these settings changed instead (a JSON value each, e.g. asym_alpha=0.25)",
+        help="pair the defaults with these settings changed instead (a JSON value each, e.g. asym_alpha=0)",
     )
     args = ap.parse_args()
     settings = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.ours)}
