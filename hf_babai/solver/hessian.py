@@ -26,6 +26,8 @@ run that uses it is just as independent of batching, ranks and reduction order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 BIN_BITS = 34  # bits per bin: each addition is exact while a bin holds fewer than 2**(53 - BIN_BITS) summands
@@ -210,16 +212,19 @@ class CrossAccumulator(HessianAccumulator):
         return quantum(self.level[rows])[:, None].expand(-1, self.in_features).clone()
 
 
-def _samples(x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """``x [..., c]`` as the ``[N, c]`` kept rows of each summand: one per sample of a ``[B, T, c]`` input, the
-    whole of a ``[N, c]`` one (tokens already flattened, e.g. an MoE expert's routed tokens)."""
+def _samples(x: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    """``x [..., c]`` as the ``[N, c]`` kept rows of each summand, one at a time (a masked sample's rows are a
+    copy): one per sample of a ``[B, T, c]`` input, the whole of a ``[N, c]`` one (tokens already flattened, e.g.
+    an MoE expert's routed tokens)."""
     if mask is not None and mask.shape != x.shape[:-1]:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match input {tuple(x.shape[:-1])}")
     if x.dim() < 3:
-        return [kept_rows(x.reshape(-1, x.shape[-1]), None if mask is None else mask.reshape(-1))]
+        yield kept_rows(x.reshape(-1, x.shape[-1]), None if mask is None else mask.reshape(-1))
+        return
     xs = x.reshape(-1, *x.shape[-2:])
     ms = None if mask is None else mask.reshape(-1, mask.shape[-1])
-    return [kept_rows(xs[i], None if ms is None else ms[i]) for i in range(xs.shape[0])]
+    for i in range(xs.shape[0]):
+        yield kept_rows(xs[i], None if ms is None else ms[i])
 
 
 def _align(high: torch.Tensor, low: torch.Tensor, old: torch.Tensor, new: torch.Tensor, symmetric: bool = True) -> None:
