@@ -211,11 +211,23 @@ def test_hessian_accumulator_streams_and_masks():
         acc.add(x[:1])
 
 
+def fsum_on_grid(summands: list[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded (``math.fsum``) sum of the summands, each entry first rounded onto its grid ``q``: what
+    an exact binned sum must equal, bit for bit."""
+    import math
+
+    rows, cols = q.shape
+    return torch.tensor(
+        [[math.fsum(float(torch.round(s[r, c] / q[r, c]) * q[r, c]) for s in summands) for c in range(cols)]
+         for r in range(rows)],
+        dtype=torch.float64,
+    )  # fmt: skip
+
+
 def test_hessian_sum_is_exact_and_independent_of_order_and_split():
     """The Hessian sum is a function of the samples only: one call, one sample at a time in reverse, or three
     partial sums merged in any order give the same bits, equal to the correctly rounded (``math.fsum``) sum of
     each sample's float32 ``XᵀX`` rounded onto the final grid; so a distributed reduction cannot change it."""
-    import math
 
     from hf_babai.solver.hessian import BIN_BITS, MAX_SUMMANDS
 
@@ -237,12 +249,7 @@ def test_hessian_sum_is_exact_and_independent_of_order_and_split():
     summands = [(x[i].T @ x[i]).double() for i in range(10)]
     lv = whole.level.double()
     q = 2.0 ** (BIN_BITS * (torch.maximum(lv[:, None], lv[None, :]) - 1))  # grid of max(row level, column level)
-    expect = torch.tensor(
-        [[math.fsum(float(torch.round(s[r, c] / q[r, c]) * q[r, c]) for s in summands) for c in range(6)]
-         for r in range(6)],
-        dtype=torch.float64,
-    )  # fmt: skip
-    assert torch.equal(whole.sum, expect)
+    assert torch.equal(whole.sum, fsum_on_grid(summands, q))
     rowmax = torch.stack([s.abs().amax(1) for s in summands]).amax(0)  # what each row's grid follows
     error = (whole.sum - sum(summands)).abs()  # 16 orders of magnitude between the largest and smallest entry
     assert bool((error <= 10 * 2.0**-33 * torch.maximum(rowmax[:, None], rowmax[None, :])).all())
@@ -261,7 +268,6 @@ def test_cross_sum_is_exact_independent_of_order_and_split_and_not_symmetric():
     reverse, or partial sums merged in any order give the same bits, equal to the correctly rounded sum of each
     sample's float32 ``AᵀB`` rounded onto its row's final grid (each row's own level, not the max of row and
     column); it is within 2⁻³³ of each row's largest entry of the float64 sum, and masked positions drop out."""
-    import math
 
     from hf_babai.solver import CrossAccumulator
     from hf_babai.solver.hessian import BIN_BITS
@@ -282,12 +288,7 @@ def test_cross_sum_is_exact_independent_of_order_and_split_and_not_symmetric():
     assert torch.equal(whole.sum, backwards.sum) and torch.equal(whole.sum, parts[1].sum)
     summands = [(a[i].T @ b[i]).double() for i in range(8)]
     q = 2.0 ** (BIN_BITS * (whole.level.double() - 1))[:, None].expand(6, 6)  # row i's grid alone
-    expect = torch.tensor(
-        [[math.fsum(float(torch.round(s[r, c] / q[r, c]) * q[r, c]) for s in summands) for c in range(6)]
-         for r in range(6)],
-        dtype=torch.float64,
-    )  # fmt: skip
-    assert torch.equal(whole.sum, expect)
+    assert torch.equal(whole.sum, fsum_on_grid(summands, q))
     exact = sum(summands)
     assert not torch.allclose(exact, exact.T)
     rowmax = torch.stack([s.abs().amax(1) for s in summands]).amax(0)
